@@ -1,0 +1,42 @@
+"""Command-line plumbing shared by every entry point: absl start-up and the one-clear-error policy.
+
+Bad input (a missing or malformed file, a wrong shape, an unknown config key, a bad value) ends the program
+with a single `error: ...` line naming the culprit and exit code 2, not a traceback. The project's input
+errors all derive from ValueError; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from absl import app
+
+
+class UsageError(ValueError):
+  pass
+
+
+def fail(message: str, code: int = 2):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+@contextlib.contextmanager
+def clear_errors():
+  try:
+    yield
+  except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    fail(str(e))
+
+
+def run(main):
+  """absl's app.run, with flag and config-override errors reported as one line and exit code 2."""
+  def flags_parser(argv):
+    from absl import flags
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(str(e))
+    except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections override errors
+      fail(f'bad config override: {e}')
+  app.run(main, flags_parser=flags_parser)

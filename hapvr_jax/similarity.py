@@ -1,0 +1,119 @@
+"""Masked similarity reductions of the ViSiL/HAP-VR similarity network, as pure jnp functions.
+
+Two levels use the same family of reductions (spec §2.3, §2.5):
+
+* frame to frame: a region-by-region dot-product tensor is reduced over the target regions (max, top-k mean,
+  or mean) and then averaged over the query regions;
+* video to video: the comparator's [Tq', Tt'] map is reduced over target time and averaged over query time.
+
+`kind` is one of 'Chamfer', 'TopKChamfer', 'Max', 'Average'. The top-k size follows the original exactly:
+k = max(round(n * rate), 1) with Python's round-half-to-even on the float64 product, where n is the (valid)
+size of the reduced axis. Validity is expressed with prefix lengths (padding always sits at the end), so
+padded inputs reproduce the unpadded result exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+KINDS = ('Chamfer', 'TopKChamfer', 'Max', 'Average')
+
+
+def topk_size(n: int, rate: float) -> int:
+  """The original's k for an axis of n valid entries: max(round(n * rate), 1) (half to even)."""
+  return max(round(n * rate), 1)
+
+
+def topk_table(max_len: int, rate: float) -> np.ndarray:
+  """k for every valid length 0..max_len, computed on the host in float64 as the original does."""
+  return np.array([topk_size(n, rate) for n in range(max_len + 1)], np.int32)
+
+
+def check_kind(kind: str) -> str:
+  if kind not in KINDS:
+    raise ValueError(f'unknown similarity module {kind!r}; expected one of {KINDS}')
+  return kind
+
+
+def _length_mask(length, size):
+  """Boolean [..., size] mask: index < length (length broadcasts over leading axes)."""
+  return jnp.arange(size) < jnp.asarray(length)[..., None]
+
+
+def reduce_rows(s, row_len, col_len, kind: str, rate: float = 0.1, symmetric: bool = False):
+  """Chamfer-family reduction of s[..., I, J] to s[...]: reduce over J (target), average over I (query).
+
+  row_len / col_len: valid lengths of the I and J axes, broadcastable to s.shape[:-2] (None = all valid).
+  With `symmetric`, the result is the mean of the I->J and J->I directions (the original's symmetric flag;
+  unlike the original, the symmetric top-k uses `rate` rather than a hard-coded 0.3).
+  """
+  check_kind(kind)
+  n_i, n_j = s.shape[-2], s.shape[-1]
+  lead = s.shape[:-2]
+  row_len = jnp.broadcast_to(jnp.asarray(n_i if row_len is None else row_len, jnp.int32), lead)
+  col_len = jnp.broadcast_to(jnp.asarray(n_j if col_len is None else col_len, jnp.int32), lead)
+  valid = _length_mask(row_len, n_i)[..., :, None] & _length_mask(col_len, n_j)[..., None, :]
+
+  if kind == 'Max':
+    return jnp.max(jnp.where(valid, s, -jnp.inf), axis=(-2, -1))
+  if kind == 'Average':
+    total = jnp.sum(jnp.where(valid, s, 0.), axis=(-2, -1))
+    return total / (row_len * col_len).astype(s.dtype)
+
+  def one_direction(x, valid, n_rows_valid, n_cols, n_cols_valid):
+    # x[..., rows, cols]: reduce cols (max or top-k mean over valid cols), average over valid rows.
+    masked = jnp.where(valid, x, -jnp.inf)
+    if kind == 'Chamfer':
+      per_row = jnp.max(masked, axis=-1)
+    else:
+      table = topk_table(n_cols, rate)
+      k_max = int(table.max())
+      top = lax.top_k(masked, k_max)[0]                      # [..., rows, k_max], descending
+      k = jnp.asarray(table)[n_cols_valid][..., None, None]   # per-pair k from the valid length
+      keep = jnp.arange(k_max) < k
+      per_row = jnp.sum(jnp.where(keep, top, 0.), axis=-1) / k[..., 0].astype(x.dtype)
+    row_valid = _length_mask(n_rows_valid, x.shape[-2])
+    per_row = jnp.where(row_valid, per_row, 0.)
+    return jnp.sum(per_row, axis=-1) / n_rows_valid.astype(x.dtype)
+
+  forward = one_direction(s, valid, row_len, n_j, col_len)
+  if not symmetric:
+    return forward
+  st = jnp.swapaxes(s, -1, -2)
+  backward = one_direction(st, jnp.swapaxes(valid, -1, -2), col_len, n_i, row_len)
+  return (forward + backward) / 2
+
+
+def frame_to_frame(q, t, kind: str, rate: float, symmetric: bool = False, precision=lax.Precision.HIGHEST):
+  """Region-level similarity of every query frame to every target frame.
+
+  q: [A, Tq, R, D] and t: [B, Tt, R, D] (already indexed). Returns f2f [A, B, Tq, Tt]: for each frame pair,
+  the region-by-region dot products [R, R] reduced over target regions and averaged over query regions.
+  The loop over query regions keeps the live intermediate at [A, Tq, B, Tt, R] instead of R times that.
+  Frame validity is not needed here: padded frames are zero vectors and the caller masks their cells.
+  """
+  check_kind(kind)
+  n_regions = q.shape[-2]
+  if kind == 'Average':   # mean over both region axes of <q_o, t_p> = <mean_o q, mean_p t>
+    qm, tm = jnp.mean(q, axis=-2), jnp.mean(t, axis=-2)
+    return jnp.einsum('aid,bjd->abij', qm, tm, precision=precision)
+  if kind == 'Max' or (kind in ('Chamfer', 'TopKChamfer') and not symmetric):
+    k = 1 if kind in ('Chamfer', 'Max') else topk_size(t.shape[-2], rate)
+    total = None
+    for o in range(n_regions):
+      s = jnp.einsum('aid,bjpd->abijp', q[:, :, o], t, precision=precision)
+      red = jnp.max(s, axis=-1) if k == 1 else jnp.mean(lax.top_k(s, k)[0], axis=-1)
+      if kind == 'Max':
+        total = red if total is None else jnp.maximum(total, red)
+      else:
+        total = red if total is None else total + red
+    return total if kind == 'Max' else total / n_regions
+  # Symmetric Chamfer / TopK-Chamfer over regions: build the full [.., R, R] block and reduce both ways.
+  s = jnp.einsum('aiod,bjpd->abijop', q, t, precision=precision)
+  return reduce_rows(s, None, None, kind, rate, symmetric=True)
+
+
+def hardtanh(x):
+  return jnp.clip(x, -1., 1.)

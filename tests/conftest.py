@@ -1,0 +1,24 @@
+"""Test setup: 8 fake CPU devices, set before jax is imported anywhere in the test process."""
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
+ANNOTATIONS = os.path.join(SHARED, 'data', 'annotations')
+
+
+@pytest.fixture(scope='session')
+def annotations_dir():
+  """The real public annotation files, when ../shared is beside the checkout; tests skip otherwise."""
+  if not os.path.isdir(ANNOTATIONS):
+    pytest.skip('../shared/data/annotations is not present')
+  return ANNOTATIONS
