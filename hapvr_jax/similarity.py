@@ -103,13 +103,15 @@ def frame_to_frame(q, t, kind: str, rate: float, symmetric: bool = False, precis
     k = 1 if kind in ('Chamfer', 'Max') else topk_size(t.shape[-2], rate)
     total = None
     for o in range(n_regions):
-      s = jnp.einsum('aid,bjpd->abijp', q[:, :, o], t, precision=precision)
+      # [A, Tq, B, Tt, R]: the natural matmul output layout (rows = query frames); transposed once at the end.
+      s = jnp.einsum('aid,bjpd->aibjp', q[:, :, o], t, precision=precision)
       red = jnp.max(s, axis=-1) if k == 1 else jnp.mean(lax.top_k(s, k)[0], axis=-1)
       if kind == 'Max':
         total = red if total is None else jnp.maximum(total, red)
       else:
         total = red if total is None else total + red
-    return total if kind == 'Max' else total / n_regions
+    total = total if kind == 'Max' else total / n_regions
+    return jnp.transpose(total, (0, 2, 1, 3))
   # Symmetric Chamfer / TopK-Chamfer over regions: build the full [.., R, R] block and reduce both ways.
   s = jnp.einsum('aiod,bjpd->abijop', q, t, precision=precision)
   return reduce_rows(s, None, None, kind, rate, symmetric=True)

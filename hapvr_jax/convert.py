@@ -1,0 +1,172 @@
+r"""Convert a similarity-network checkpoint of the original HAP-VR or S2VS code to this project's format.
+
+  python -m hapvr_jax.convert --torch_checkpoint=model.pth --output=ckpt/hapvr
+
+Input: the dict the original training code saves with torch.save ({'model': state_dict, 'args': argparse
+Namespace, 'optimizer': ..., 'global_step': ...}) or a bare state_dict. S2VS names the comparator
+`visil_head` (HAP-VR: `comparator_module`) and always uses Chamfer at both levels with min_len 4.
+Output: an Orbax checkpoint of the parameters plus `model_config.json` taken from `args` (common_jax.checkpoint).
+
+The conversion is the table below: torch key -> (Flax path, layout change). Anything missing, unexpected or
+mis-shaped is listed in one error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+
+from hapvr_jax.model import ModelConfig
+
+# torch key suffix -> (flax path, transform). 'T': Linear weight [out, in] -> kernel [in, out];
+# 'OIHW': Conv2d weight -> HWIO kernel.
+TABLE = (
+    ('attention.transform.weight', ('attention', 'transform', 'kernel'), 'T'),
+    ('attention.transform.bias', ('attention', 'transform', 'bias'), None),
+    ('attention.context_vector.weight', ('attention', 'context_vector', 'kernel'), 'T'),
+    ('binarization.W', ('binarization', 'W'), None),
+    ('comparator_module.conv1.weight', ('comparator_module', 'conv1', 'kernel'), 'OIHW'),
+    ('comparator_module.conv1.bias', ('comparator_module', 'conv1', 'bias'), None),
+    ('comparator_module.conv2.weight', ('comparator_module', 'conv2', 'kernel'), 'OIHW'),
+    ('comparator_module.conv2.bias', ('comparator_module', 'conv2', 'bias'), None),
+    ('comparator_module.conv3.weight', ('comparator_module', 'conv3', 'kernel'), 'OIHW'),
+    ('comparator_module.conv3.bias', ('comparator_module', 'conv3', 'bias'), None),
+    ('comparator_module.fconv.weight', ('comparator_module', 'fconv', 'kernel'), 'OIHW'),
+    ('comparator_module.fconv.bias', ('comparator_module', 'fconv', 'bias'), None),
+)
+
+
+class ConversionError(ValueError):
+  pass
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+  """torch key -> shape, for the keys this architecture must have."""
+  d = cfg.dims
+  shapes = {
+      'comparator_module.conv1.weight': (32, 1, 3, 3), 'comparator_module.conv1.bias': (32,),
+      'comparator_module.conv2.weight': (64, 32, 3, 3), 'comparator_module.conv2.bias': (64,),
+      'comparator_module.conv3.weight': (128, 64, 3, 3), 'comparator_module.conv3.bias': (128,),
+      'comparator_module.fconv.weight': (1, 128, 1, 1), 'comparator_module.fconv.bias': (1,),
+  }
+  if cfg.attention:
+    shapes.update({'attention.transform.weight': (d, d), 'attention.transform.bias': (d,),
+                   'attention.context_vector.weight': (1, d)})
+  if cfg.binarization:
+    shapes['binarization.W'] = (d, cfg.binary_bits)
+  return shapes
+
+
+def normalise_keys(state_dict: Mapping[str, Any]) -> tuple[dict, str]:
+  """Strips a DDP `module.` prefix and renames S2VS's `visil_head` to `comparator_module`."""
+  out, source = {}, 'hapvr'
+  for key, value in state_dict.items():
+    key = key[len('module.'):] if key.startswith('module.') else key
+    if key.startswith('visil_head.'):
+      key, source = 'comparator_module.' + key[len('visil_head.'):], 's2vs'
+    out[key] = np.asarray(value.detach().cpu().numpy() if hasattr(value, 'detach') else value)
+  return out, source
+
+
+def config_from_args(args: Any, source: str, state_dict: Mapping[str, np.ndarray]) -> ModelConfig:
+  """The architecture from the original's argparse namespace (or a dict, or None for a bare state_dict)."""
+  a = dict(vars(args)) if args is not None and not isinstance(args, dict) else dict(args or {})
+  for flag, why in (('attention_norm', 'normalised attention'), ('batch_norm', 'batch-norm comparator')):
+    if a.get(flag):
+      raise ConversionError(f'{flag}=True ({why}) is not supported: HAP-VR and S2VS never use it')
+  if a.get('similarity_network', 'ViSiL') != 'ViSiL':
+    raise ConversionError(f"similarity_network={a['similarity_network']!r} is not the ViSiL network")
+  attention = a.get('attention', 'attention.transform.weight' in state_dict)
+  binarization = a.get('binarization', 'binarization.W' in state_dict)
+  dims = int(a.get('dims', 512))
+  bits = int(a.get('binary_bits', state_dict['binarization.W'].shape[1] if 'binarization.W' in state_dict else 512))
+  if source == 's2vs':
+    return ModelConfig(dims=dims, attention=bool(attention), binarization=bool(binarization), binary_bits=bits,
+                       f2f_sim_module='Chamfer', v2v_sim_module='Chamfer', f_topk_rate=0.1, v_topk_rate=0.1,
+                       symmetric=bool(a.get('symmetric', False)), min_len=4, source='s2vs')
+  # The ViSiL constructor defaults apply where the namespace lacks a field (HAP-VR's argparse has them all).
+  return ModelConfig(dims=dims, attention=bool(attention), binarization=bool(binarization), binary_bits=bits,
+                     f2f_sim_module=a.get('f2f_sim_module', 'TopKChamfer'),
+                     v2v_sim_module=a.get('v2v_sim_module', 'TopKChamfer'),
+                     f_topk_rate=float(a.get('f_topk_rate', 0.1)), v_topk_rate=float(a.get('v_topk_rate', 0.1)),
+                     symmetric=bool(a.get('symmetric', False)), min_len=8, source='hapvr')
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], args: Any = None, where: str = 'checkpoint'):
+  """(flax params, ModelConfig) from an original state_dict and its args namespace."""
+  sd, source = normalise_keys(state_dict)
+  cfg = config_from_args(args, source, sd)
+  shapes = expected_shapes(cfg)
+  problems = [f'missing key {k} (expected shape {list(s)})' for k, s in shapes.items() if k not in sd]
+  problems += [f'unexpected key {k} (shape {list(sd[k].shape)})' for k in sd if k not in shapes]
+  problems += [f'{k}: shape {list(sd[k].shape)}, expected {list(s)}'
+               for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != tuple(s)]
+  if problems:
+    raise ConversionError(f'{where} does not match the {source} similarity network '
+                          f'(dims={cfg.dims}, attention={cfg.attention}, binarization={cfg.binarization}):\n  '
+                          + '\n  '.join(problems))
+  params: dict = {}
+  for key, path, transform in TABLE:
+    if key not in sd:
+      continue
+    value = sd[key].astype(np.float32)
+    if transform == 'T':
+      value = value.T
+    elif transform == 'OIHW':
+      value = value.transpose(2, 3, 1, 0)
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = np.ascontiguousarray(value)
+  return params, cfg
+
+
+def load_torch_checkpoint(path: str, trust_pickle: bool = False):
+  """(state_dict, args) from a torch.save file; the args namespace is allow-listed for the safe loader."""
+  import torch
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+  except FileNotFoundError as e:
+    raise ConversionError(f'{path}: file not found') from e
+  except Exception as e:  # torch raises pickle/zip errors of several types
+    hint = '' if trust_pickle else (' (if the file is trusted and holds other pickled objects, '
+                                     'rerun with --trust_pickle)')
+    raise ConversionError(f'{path}: cannot be read as a PyTorch checkpoint: {e}{hint}') from e
+  if isinstance(obj, dict) and 'model' in obj and isinstance(obj['model'], Mapping):
+    return obj['model'], obj.get('args')
+  if isinstance(obj, Mapping) and all(hasattr(v, 'shape') for v in obj.values()):
+    return obj, None
+  raise ConversionError(f'{path}: neither a dict with a "model" state_dict nor a bare state_dict')
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--torch_checkpoint', required=True, help='model.pth of the original HAP-VR/S2VS code')
+  parser.add_argument('--output', required=True, help='directory for the Orbax checkpoint + model_config.json')
+  parser.add_argument('--min_len', type=int, default=None,
+                      help='override the evaluation min_len (default: 8 for HAP-VR, 4 for S2VS weights)')
+  parser.add_argument('--trust_pickle', action='store_true',
+                      help='load with torch.load(weights_only=False); only for files you trust')
+  flags = parser.parse_args(argv)
+  try:
+    state_dict, args = load_torch_checkpoint(flags.torch_checkpoint, flags.trust_pickle)
+    params, cfg = convert_state_dict(state_dict, args, where=flags.torch_checkpoint)
+  except ConversionError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if flags.min_len is not None:
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), 'min_len': flags.min_len})
+  from common_jax import checkpoint
+  checkpoint.save_params(flags.output, params, cfg.to_dict())
+  n = sum(int(np.prod(v.shape)) for v in __import__('jax').tree.leaves(params))
+  print(f'wrote {flags.output}: {n:,} parameters, {cfg.source} network, '
+        f'f2f={cfg.f2f_sim_module}({cfg.f_topk_rate}) v2v={cfg.v2v_sim_module}({cfg.v_topk_rate}) '
+        f'min_len={cfg.min_len}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
