@@ -72,6 +72,15 @@ def normalise_keys(state_dict: Mapping[str, Any]) -> tuple[dict, str]:
 
 def config_from_args(args: Any, source: str, state_dict: Mapping[str, np.ndarray]) -> ModelConfig:
   """The architecture from the original's argparse namespace (or a dict, or None for a bare state_dict)."""
+  try:
+    return _config_from_args(args, source, state_dict)
+  except ConversionError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f'the checkpoint args describe an unsupported network: {e}') from e
+
+
+def _config_from_args(args: Any, source: str, state_dict: Mapping[str, np.ndarray]) -> ModelConfig:
   a = dict(vars(args)) if args is not None and not isinstance(args, dict) else dict(args or {})
   for flag, why in (('attention_norm', 'normalised attention'), ('batch_norm', 'batch-norm comparator')):
     if a.get(flag):
@@ -151,6 +160,11 @@ def main(argv=None) -> int:
   parser.add_argument('--trust_pickle', action='store_true',
                       help='load with torch.load(weights_only=False); only for files you trust')
   flags = parser.parse_args(argv)
+  import os
+  if os.path.exists(os.path.join(flags.output, 'ckpt')) or os.path.exists(os.path.join(flags.output,
+                                                                                          'model_config.json')):
+    print(f'error: {flags.output} already holds a checkpoint; choose another --output or remove it', file=sys.stderr)
+    return 2
   try:
     state_dict, args = load_torch_checkpoint(flags.torch_checkpoint, flags.trust_pickle)
     params, cfg = convert_state_dict(state_dict, args, where=flags.torch_checkpoint)

@@ -155,14 +155,17 @@ class SimilarityNetwork(nn.Module):
     """q [A, Tq, R, D], t [B, Tt, R, D] (indexed) -> f2f [A, B, Tq, Tt], zero outside the valid area."""
     c = self.config
     f2f = sim_lib.frame_to_frame(q, t, c.f2f_sim_module, c.f_topk_rate, c.symmetric, self.precision)
-    if c.binarization:
-      f2f = f2f / t.shape[-1]
     if q_len is not None or t_len is not None:
       a, b, tq, tt = f2f.shape
       q_ok = jnp.arange(tq) < jnp.broadcast_to(jnp.asarray(tq if q_len is None else q_len), (a,))[:, None]
       t_ok = jnp.arange(tt) < jnp.broadcast_to(jnp.asarray(tt if t_len is None else t_len), (b,))[:, None]
       f2f = jnp.where(q_ok[:, None, :, None] & t_ok[None, :, None, :], f2f, 0.)
     return f2f
+
+  def comparator_input(self, f2f):
+    """With binarization the original divides the map the CNN sees by the number of bits (not the
+    frame_level_sim it returns for the inner-AP loss)."""
+    return f2f / self.config.binary_bits if self.config.binarization else f2f
 
   def compare(self, f2f, q_len=None, t_len=None):
     """f2f [A, B, Tq, Tt] -> raw comparator output C [A, B, Tq//4, Tt//4] and the pooled valid lengths."""
@@ -181,7 +184,7 @@ class SimilarityNetwork(nn.Module):
 
   def calculate_video_similarity(self, q, t, q_len=None, t_len=None, apply_visil: bool = True):
     """Evaluation similarity of indexed videos q [A, Tq, R, D] and t [B, Tt, R, D]: [A, B] in [-1, 1]."""
-    f2f = self.frame_to_frame(q, t, q_len, t_len)
+    f2f = self.comparator_input(self.frame_to_frame(q, t, q_len, t_len))
     if not apply_visil:   # the original's `features_only` mode: v2v directly on the f2f map
       return self.video_to_video(f2f, None if q_len is None else jnp.asarray(q_len)[:, None],
                                  None if t_len is None else jnp.asarray(t_len)[None, :])
@@ -196,7 +199,7 @@ class SimilarityNetwork(nn.Module):
     """
     x = self.index_video(x, train=train)
     f2f = self.frame_to_frame(x, x)
-    out, rows, cols = self.compare(f2f)
+    out, rows, cols = self.compare(self.comparator_input(f2f))
     reg_loss = jnp.sum(nn.relu(-1. - out) + nn.relu(out - 1.))
     s = sim_lib.hardtanh(out) / 2. + 0.5
     return f2f, self.video_to_video(s, rows, cols), reg_loss

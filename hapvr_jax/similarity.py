@@ -37,6 +37,20 @@ def check_kind(kind: str) -> str:
   return kind
 
 
+@jax.custom_jvp
+def max_last(x):
+  """max over the last axis whose gradient goes to a single index (the first maximum), as torch's max/topk
+  route it (decision 13); jnp.max would split it among tied maxima. The forward pass is a plain max."""
+  return jnp.max(x, axis=-1)
+
+
+@max_last.defjvp
+def _max_last_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  idx = jnp.argmax(x, axis=-1)[..., None]
+  return jnp.max(x, axis=-1), jnp.take_along_axis(dx, idx, axis=-1)[..., 0]
+
+
 def _length_mask(length, size):
   """Boolean [..., size] mask: index < length (length broadcasts over leading axes)."""
   return jnp.arange(size) < jnp.asarray(length)[..., None]
@@ -66,7 +80,7 @@ def reduce_rows(s, row_len, col_len, kind: str, rate: float = 0.1, symmetric: bo
     # x[..., rows, cols]: reduce cols (max or top-k mean over valid cols), average over valid rows.
     masked = jnp.where(valid, x, -jnp.inf)
     if kind == 'Chamfer':
-      per_row = jnp.max(masked, axis=-1)
+      per_row = max_last(masked)
     else:
       table = topk_table(n_cols, rate)
       k_max = int(table.max())
@@ -105,7 +119,7 @@ def frame_to_frame(q, t, kind: str, rate: float, symmetric: bool = False, precis
     for o in range(n_regions):
       # [A, Tq, B, Tt, R]: the natural matmul output layout (rows = query frames); transposed once at the end.
       s = jnp.einsum('aid,bjpd->aibjp', q[:, :, o], t, precision=precision)
-      red = jnp.max(s, axis=-1) if k == 1 else jnp.mean(lax.top_k(s, k)[0], axis=-1)
+      red = max_last(s) if k == 1 else jnp.mean(lax.top_k(s, k)[0], axis=-1)
       if kind == 'Max':
         total = red if total is None else jnp.maximum(total, red)
       else:
