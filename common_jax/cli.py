@@ -29,6 +29,19 @@ def clear_errors():
     fail(str(e))
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Persistent XLA compilation cache: a second run with the same shapes skips compilation."""
+  if not path:
+    return
+  import os
+  import jax
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def run(main):
   """absl's app.run, with flag and config-override errors reported as one line and exit code 2."""
   def flags_parser(argv):

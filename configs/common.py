@@ -44,6 +44,7 @@ def hapvr_eval_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   c.plots = True             # OUT/pr_curves.png
   c.progress = True
   c.mesh = (('data', -1),)
+  c.compilation_cache = '~/.cache/hapvr_jax/xla'   # persistent XLA cache ('' = off): reruns skip compiling
   c.engine = ml_collections.ConfigDict(dict(
       chunk_size=2048, fold_short_tail=True, bucket_ratio=1.25, min_bucket=8, query_block=16,
       max_block_targets=256, memory_budget_mb=1024, precision='highest', features_only=False,

@@ -73,6 +73,7 @@ def evaluate(config, workdir: str) -> dict:
     raise features_lib.FeatureError(f'{config.features}: holds {len(queries)} of the {len(bench.queries)} '
                                     f'{bench.name} queries and {len(database)} database videos; nothing to score')
 
+  cli.enable_compilation_cache(config.compilation_cache)
   mesh = mesh_lib.make_mesh(config.mesh)
   engine = engine_lib.Engine(model_config, params, mesh, engine_lib.EngineConfig(**config.engine.to_dict()))
   scores = engine.score(ff, queries, database, progress=config.progress)

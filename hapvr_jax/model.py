@@ -84,15 +84,17 @@ class VideoComparator(nn.Module):
     x = sim[..., None].astype(self.dtype)
     mask = _valid_mask(x.shape[1], x.shape[2], row_len, col_len)
     x = jnp.where(mask, x, 0)
+    # Exactness with padding needs zeros wherever a *valid* output reads outside the valid area: a pooled
+    # cell < floor(valid/2) reads only valid cells, so masking after each pool (and at the end) suffices; no
+    # mask is needed on the full-resolution conv outputs (which would cost several extra memory passes).
     for name, features, pool in (('conv1', 32, True), ('conv2', 64, True), ('conv3', 128, False)):
-      x = conv(name, features, 3)(x)
-      x = nn.relu(jnp.where(mask, x, 0))
+      x = nn.relu(conv(name, features, 3)(x))
       if pool:
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
         row_len, col_len = row_len // 2, col_len // 2   # pooled validity: index < floor(valid / 2)
         mask = _valid_mask(x.shape[1], x.shape[2], row_len, col_len)
-        x = jnp.where(mask, x, 0)
-    x = conv('fconv', 1, 1)(x)
+        x = x * mask.astype(x.dtype)
+    x = conv('fconv', 1, 1)(x)   # 1x1: invalid conv3 outputs only reach invalid cells, masked here
     x = jnp.where(mask, x, 0)
     return x[..., 0].astype(jnp.float32), row_len, col_len
 
