@@ -2,14 +2,15 @@
 
 The original scores one (query, target, 2048-frame chunk) at a time in a Python loop. Here:
 
-* queries are read once, tiled to min_len, grouped by padded length (a few buckets), indexed once and kept on
-  the devices;
+* queries are read once, tiled to min_len, laid end to end (frames of all queries in one array, so the
+  frame-to-frame similarity, most of the FLOPs, wastes nothing on query padding), indexed once and kept on
+  the devices; for the comparator, queries of similar length are gathered into padded groups;
 * database videos are cut into the original's 2048-frame chunks (a final chunk of 1-3 frames, which crashes
   the original, is folded into the chunk before it), each chunk is assigned to a length bucket, and a bucket's
-  chunks are scored in blocks of B targets: one jitted call per (query group, block) computes the f2f maps,
-  the comparator and the temporal reduction for all nq x B pairs at once, with the block sharded over the
-  mesh's data axis;
-* padding is exact: prefix lengths mask the f2f map, every conv and pool output, and the per-pair top-k
+  chunks are scored in blocks of B targets: one jitted call per block computes the f2f maps, the comparator
+  and the temporal reduction for all queries x B targets at once, with the block sharded over the mesh's data
+  axis (one compilation per target bucket);
+* padding is exact: prefix lengths mask the f2f map, the pooled comparator maps and the per-pair top-k
   (hapvr_jax.model), so a padded pair scores exactly as the unpadded pair does;
 * features are streamed from the HDF5 file by a reader thread a few blocks ahead: memory stays bounded by
   the block sizes, whatever the size of the database;
@@ -21,7 +22,7 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import jax
@@ -42,7 +43,8 @@ class EngineConfig:
   fold_short_tail: bool = True    # a final chunk of < 4 frames joins the previous chunk (the original crashes)
   bucket_ratio: float = 1.25      # consecutive padded lengths grow by at most this factor
   min_bucket: int = 8
-  query_block: int = 16           # queries per jitted call
+  query_block: int = 16           # queries per comparator group (queries of similar padded length)
+  max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
   max_block_targets: int = 256    # targets per jitted call, at most
   memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block
   precision: str = 'highest'      # matmul/conv precision: 'highest' (float32 parity) or 'default'
@@ -79,10 +81,10 @@ def split_chunks(n: int, chunk_size: int, fold_short_tail: bool = True) -> list:
 
 
 @dataclasses.dataclass
-class _Group:
-  rows: np.ndarray      # indices into the query list
-  feats: jax.Array      # [nq_pad, Lq, R, D] indexed, replicated
-  lens: jax.Array       # [nq_pad]
+class _QueryChunk:
+  rows: np.ndarray      # positions in the query list of this chunk's output rows
+  flat: jax.Array       # [n_rows + 1, R, D]: the chunk's queries, frames end to end, indexed; last row zero
+  fn: Callable          # jitted (params, flat, targets, target lengths) -> scores [len(rows), B]
 
 
 class Engine:
@@ -96,46 +98,85 @@ class Engine:
     self.params = jax.device_put(params, mesh_lib.replicated(mesh))
     self._target_sharding = mesh_lib.batch_sharding(mesh, 0, 4)
     self._len_sharding = mesh_lib.batch_sharding(mesh, 0, 1)
-    net, apply_visil = self.net, not config.features_only
+    self._out_sharding = NamedSharding(mesh, P(None, *self._len_sharding.spec))
+    net = self.net
     self._index = jax.jit(lambda p, x, n: net.apply({'params': p}, x, n, method=SimilarityNetwork.index_video))
-    self._score = jax.jit(
-        lambda p, q, ql, t, tl: net.apply({'params': p}, q, t, ql, tl, apply_visil,
-                                          method=SimilarityNetwork.calculate_video_similarity),
-        out_shardings=NamedSharding(mesh, P(None, *self._len_sharding.spec)))
     self.stats = {}
+    self._fns = {}
 
   # --------------------------------------------------------------------------------------------- queries
-  def _pad(self, videos, length):
-    r, d = videos[0].shape[1:]
-    out = np.zeros((len(videos), length, r, d), np.float32)
-    for i, v in enumerate(videos):
-      out[i, :len(v)] = v
-    return out
+  def _chunk_fn(self, groups):
+    """The jitted scorer of one query chunk against a target block.
+
+    The frame-to-frame similarity (most of the FLOPs) is computed for the chunk's query frames laid end to
+    end, so no query padding is multiplied; each group of similar-length queries then gathers its rows into
+    a padded [n, Lq, B, Lt] stack (padding rows read the zero row) for the comparator and the temporal
+    reduction. `groups` is static: [(gather index [n, Lq], query lengths [n])].
+    """
+    net, apply_visil = self.net, not self.config.features_only
+    call = lambda p, *a, method: net.apply({'params': p}, *a, method=method)
+
+    def fn(p, flat, t, t_len):
+      f2f = call(p, flat[None], t, None, t_len, method=SimilarityNetwork.frame_to_frame)[0]   # [B, rows, Lt]
+      f2f = call(p, f2f, method=SimilarityNetwork.comparator_input)
+      out = []
+      for gather, q_len in groups:
+        m = jnp.transpose(f2f[:, gather], (1, 0, 2, 3))        # [n, B, Lq, Lt]
+        ql = jnp.asarray(q_len)
+        if apply_visil:
+          c, rows, cols = call(p, m, ql, t_len, method=SimilarityNetwork.compare)
+          out.append(call(p, jnp.clip(c, -1., 1.), rows, cols, method=SimilarityNetwork.video_to_video))
+        else:
+          out.append(call(p, m, ql[:, None], t_len[None, :], method=SimilarityNetwork.video_to_video))
+      return jnp.concatenate(out, axis=0)
+
+    return jax.jit(fn, out_shardings=self._out_sharding)
 
   def index_queries(self, videos: Sequence[np.ndarray]) -> list:
-    """Groups the queries, indexes each group once; returns the groups (kept on the devices)."""
+    """Lays the queries out in chunks (frames end to end), indexes them once, builds each chunk's scorer."""
     c = self.config
     lens = np.array([len(v) for v in videos])
-    buckets = bucket_lengths(int(lens.max()), c.bucket_ratio, c.min_bucket)
     order = np.argsort(lens, kind='stable')
-    groups = []
+    buckets = bucket_lengths(int(lens.max()), c.bucket_ratio, c.min_bucket)
+    chunks, part = [], []
+    for i in order:   # consecutive runs of the length-sorted queries, at most max_query_rows frames each
+      if part and sum(lens[j] for j in part) + lens[i] > c.max_query_rows:
+        chunks.append(part)
+        part = []
+      part.append(i)
+    chunks.append(part)
     replicated = mesh_lib.replicated(self.mesh)
-    # Consecutive runs of the length-sorted queries, each padded to the bucket of its longest member: few
-    # groups (few compilations) and little padding, since queries are few and sorted.
-    for s in range(0, len(order), c.query_block):
-      part = order[s:s + c.query_block]
-      length = bucket_of(int(lens[part].max()), buckets)
-      n_pad = min(c.query_block, 1 << int(np.ceil(np.log2(len(part)))))
-      feats = self._pad([videos[i] for i in part] + [videos[part[0]][:1]] * (n_pad - len(part)), length)
-      qlen = np.concatenate([lens[part], np.full(n_pad - len(part), length)]).astype(np.int32)
-      x = jax.device_put(feats, replicated)
-      ql = jax.device_put(qlen, replicated)
-      groups.append(_Group(part, self._index(self.params, x, ql), ql))
-    return groups
+    out = []
+    for part in chunks:
+      offsets = np.concatenate([[0], np.cumsum(lens[part])])
+      n_rows = int(np.ceil(offsets[-1] / 8) * 8)
+      r, d = videos[part[0]].shape[1:]
+      flat = np.zeros((n_rows + 1, r, d), np.float32)
+      for k, i in enumerate(part):
+        flat[offsets[k]:offsets[k + 1]] = videos[i]
+      groups, by_bucket = [], {}
+      for k, i in enumerate(part):
+        by_bucket.setdefault(bucket_of(int(lens[i]), buckets), []).append(k)
+      rows = []
+      for length, ks in sorted(by_bucket.items()):
+        for s in range(0, len(ks), c.query_block):
+          sub = ks[s:s + c.query_block]
+          gather = np.full((len(sub), length), n_rows, np.int32)     # the zero row by default
+          for g, k in enumerate(sub):
+            gather[g, :lens[part[k]]] = np.arange(offsets[k], offsets[k + 1])
+          groups.append((gather, lens[[part[k] for k in sub]].astype(np.int32)))
+          rows += [part[k] for k in sub]
+      x = jax.device_put(flat[None], replicated)
+      flat_indexed = self._index(self.params, x, jnp.asarray([offsets[-1]], jnp.int32))[0]
+      key = tuple((g.shape, g.tobytes(), q.tobytes()) for g, q in groups)
+      if key not in self._fns:   # the same query set scored again (e.g. another database) reuses compilations
+        self._fns[key] = self._chunk_fn(groups)
+      out.append(_QueryChunk(np.array(rows), flat_indexed, self._fns[key]))
+    return out
 
   # -------------------------------------------------------------------------------------------- database
-  def plan(self, lengths: np.ndarray, groups: list) -> list:
-    """Blocks of (bucket length, [(video index, start, stop)]) covering every chunk of every video."""
+  def plan(self, lengths: np.ndarray, chunks: list) -> list:
+    """Blocks of (bucket length, [(video index, start, stop)], block size) covering every target chunk."""
     c = self.config
     items = [(v, s, e) for v, n in enumerate(lengths) for s, e in split_chunks(int(n), c.chunk_size,
                                                                                 c.fold_short_tail)]
@@ -145,13 +186,14 @@ class Engine:
     by_bucket = {}
     for item in items:
       by_bucket.setdefault(bucket_of(item[2] - item[1], buckets), []).append(item)
-    q_cells = max(int(g.feats.shape[0]) * int(g.feats.shape[1]) for g in groups)
-    r, d = groups[0].feats.shape[2:]
+    q_rows = max(int(ch.flat.shape[0]) for ch in chunks)
+    r, d = chunks[0].flat.shape[1:]
     blocks = []
     for length, its in sorted(by_bucket.items()):
-      # Live memory per target: f2f slices over regions, conv activations (32-128 channels at full and pooled
-      # resolution) for every query cell, plus the target's own features.
-      per_target = 4 * (q_cells * length * (r + 3 * 32) + 3 * length * r * d)
+      # Live memory per target: the f2f slices over regions for every query frame, the comparator's
+      # activations (32 channels at full resolution, more at lower ones; padded query rows included with
+      # a 2x margin) and the target's own features.
+      per_target = 4 * (q_rows * length * (r + 2 + 2 * 32) + 3 * length * r * d)
       n = max(1, int(c.memory_budget_mb * 2**20 // per_target))
       n = min(n, c.max_block_targets, len(its))
       n = int(np.ceil(n / self.n_shards) * self.n_shards)
@@ -187,9 +229,9 @@ class Engine:
             progress: bool = True) -> np.ndarray:
     """Similarity [len(query_ids), len(db_ids)] (float32), as the original evaluation would compute it."""
     t0 = time.time()
-    groups = self.index_queries([ff.read(q) for q in query_ids])
+    chunks = self.index_queries([ff.read(q) for q in query_ids])
     lengths = ff.lengths(db_ids)
-    blocks = self.plan(lengths, groups)
+    blocks = self.plan(lengths, chunks)
     sums = np.zeros((len(query_ids), len(db_ids)), np.float64)
     counts = np.zeros(len(db_ids), np.int64)
     n_items = sum(len(its) for _, its, _ in blocks)
@@ -214,11 +256,11 @@ class Engine:
         t = jax.device_put(feats, self._target_sharding)
         tl = jax.device_put(lens, self._len_sharding)
         t = self._index(self.params, t, tl)
-        results = [(g, self._score(self.params, g.feats, g.lens, t, tl)) for g in groups]
+        results = [(ch, ch.fn(self.params, ch.flat, t, tl)) for ch in chunks]
         video = np.array([v for v, _, _ in its])
-        for g, res in results:
-          res = np.asarray(res, np.float64)[:len(g.rows), :len(its)]
-          np.add.at(sums, (g.rows[:, None], video[None, :]), res)
+        for ch, res in results:
+          res = np.asarray(res, np.float64)[:, :len(its)]
+          np.add.at(sums, (ch.rows[:, None], video[None, :]), res)
         np.add.at(counts, video, 1)
         if t_first is None:
           t_first = time.time()
