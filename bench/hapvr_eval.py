@@ -11,6 +11,10 @@ converted weights. Printed: pairs/s of both and their ratio, the engine's cold s
 largest score difference between the two, the engine's FLOP rate against a plain float32 matmul measured in
 this run (the practical roofline of this device), and the share of time in the frame-to-frame similarity vs
 the comparator CNN.
+
+Measured (2-core Xeon CPU, `--queries=16 --database=96`): baseline 76.9 pairs/s, engine 215.8 pairs/s warm
+(2.81x) and 40.7 pairs/s cold (compilation included), max score difference 8.2e-10, engine 100.5 GFLOP/s =
+0.62 of the 162.3 GFLOP/s matmul; f2f 84% / CNN 16% of a 16x16 block at 76 frames.
 """
 from __future__ import annotations
 

@@ -66,6 +66,7 @@ def _reference_scores(net, features, queries, database, min_len, chunk):
 def _config(dataset, **overrides):
   c = config_common.hapvr_eval_config(dataset)
   c.progress = False
+  c.compilation_cache = ''
   c.engine.chunk_size = 32
   c.engine.bucket_ratio = 2.0
   for k, v in overrides.items():
