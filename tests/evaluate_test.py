@@ -178,3 +178,23 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='model_config.json is missing'):
     evaluate.evaluate(_config('evve', features=path, annotations=str(ann), checkpoint=str(tmp_path)),
                       str(tmp_path / 'out'))
+
+
+def test_svd_labelled_pairs_protocol(tmp_path):
+  """SVD without the distractor list: each query against its own labelled candidates, and metrics.json says so."""
+  rng = np.random.default_rng(3)
+  ann = tmp_path / 'ann'
+  ann.mkdir()
+  pairs = [('q1.mp4', 'a.mp4', 1), ('q1.mp4', 'b.mp4', 0), ('q1.mp4', 'c.mp4', 0),
+           ('q2.mp4', 'd.mp4', 0), ('q2.mp4', 'e.mp4', 1), ('q2.mp4', 'a.mp4', 0)]
+  (ann / 'test_groundtruth').write_text(''.join(f'{q} {c} {l}\n' for q, c, l in pairs))
+  ids = ['q1.mp4', 'q2.mp4', 'a.mp4', 'b.mp4', 'c.mp4', 'd.mp4', 'e.mp4']
+  features = _write_features(str(tmp_path / 'svd.hdf5'), ids, rng, [('q1.mp4', 'a.mp4'), ('q2.mp4', 'e.mp4')])
+  net, ckpt = _checkpoint(tmp_path, seed=2)
+  metrics = evaluate.evaluate(_config('svd', features=features, checkpoint=ckpt, annotations=str(ann)),
+                              str(tmp_path / 'out'))
+  assert 'labelled pairs only' in metrics['protocol']
+  database = sorted(ids[2:])
+  expected = _reference_scores(net, features, ['q1.mp4', 'q2.mp4'], database, min_len=8, chunk=32)
+  want = benchmarks.load_benchmark('svd', str(ann)).evaluate(expected, ['q1.mp4', 'q2.mp4'], database)
+  assert abs(metrics['mAP'] - want['mAP']) < 1e-6 and abs(metrics['uAP'] - want['uAP']) < 1e-6
