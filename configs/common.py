@@ -46,7 +46,8 @@ def hapvr_eval_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   c.mesh = (('data', -1),)
   c.compilation_cache = '~/.cache/hapvr_jax/xla'   # persistent XLA cache ('' = off): reruns skip compiling
   c.engine = ml_collections.ConfigDict(dict(
-      chunk_size=2048, fold_short_tail=True, bucket_ratio=1.25, min_bucket=8, query_block=16,
+      chunk_size=2048, fold_short_tail=True, bucket_ratio=1.25, query_bucket_ratio=1.5, min_bucket=8,
+      query_block=16,
       max_block_targets=256, memory_budget_mb=1024, precision='highest', features_only=False,
       prefetch_blocks=2))
   # The self-contained demo: a synthetic FIVR-format corpus written to WORKDIR/demo_data, scored with a

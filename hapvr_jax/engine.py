@@ -44,6 +44,8 @@ class EngineConfig:
   bucket_ratio: float = 1.25      # consecutive padded lengths grow by at most this factor
   min_bucket: int = 8
   query_block: int = 16           # queries per comparator group (queries of similar padded length)
+  query_bucket_ratio: float = 1.5  # padded query lengths of the comparator groups (coarser: fewer groups to
+                                   # compile; only the CNN, ~15% of the time, sees query padding)
   max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
   max_block_targets: int = 256    # targets per jitted call, at most
   memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block
@@ -54,8 +56,9 @@ class EngineConfig:
   def __post_init__(self):
     if self.precision not in PRECISIONS:
       raise ValueError(f'engine.precision={self.precision!r}; expected one of {sorted(PRECISIONS)}')
-    if self.bucket_ratio <= 1.0:
-      raise ValueError(f'engine.bucket_ratio={self.bucket_ratio} must be > 1')
+    if self.bucket_ratio <= 1.0 or self.query_bucket_ratio <= 1.0:
+      raise ValueError(f'engine.bucket_ratio={self.bucket_ratio} and engine.query_bucket_ratio='
+                       f'{self.query_bucket_ratio} must be > 1')
 
 
 def bucket_lengths(max_len: int, ratio: float, min_bucket: int = 8) -> list:
@@ -137,7 +140,7 @@ class Engine:
     c = self.config
     lens = np.array([len(v) for v in videos])
     order = np.argsort(lens, kind='stable')
-    buckets = bucket_lengths(int(lens.max()), c.bucket_ratio, c.min_bucket)
+    buckets = bucket_lengths(int(lens.max()), c.query_bucket_ratio, c.min_bucket)
     chunks, part = [], []
     for i in order:   # consecutive runs of the length-sorted queries, at most max_query_rows frames each
       if part and sum(lens[j] for j in part) + lens[i] > c.max_query_rows:
