@@ -13,6 +13,7 @@ mis-shaped is listed in one error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Mapping
 
@@ -160,7 +161,6 @@ def main(argv=None) -> int:
   parser.add_argument('--trust_pickle', action='store_true',
                       help='load with torch.load(weights_only=False); only for files you trust')
   flags = parser.parse_args(argv)
-  import os
   if os.path.exists(os.path.join(flags.output, 'ckpt')) or os.path.exists(os.path.join(flags.output,
                                                                                           'model_config.json')):
     print(f'error: {flags.output} already holds a checkpoint; choose another --output or remove it', file=sys.stderr)
