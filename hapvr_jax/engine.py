@@ -22,7 +22,7 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import jax
@@ -31,6 +31,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common_jax import mesh as mesh_lib
+from hapvr_jax import similarity as sim_lib
 from hapvr_jax.features import FeatureFile
 from hapvr_jax.model import ModelConfig, SimilarityNetwork
 
@@ -128,7 +129,7 @@ class Engine:
         ql = jnp.asarray(q_len)
         if apply_visil:
           c, rows, cols = call(p, m, ql, t_len, method=SimilarityNetwork.compare)
-          out.append(call(p, jnp.clip(c, -1., 1.), rows, cols, method=SimilarityNetwork.video_to_video))
+          out.append(call(p, sim_lib.hardtanh(c), rows, cols, method=SimilarityNetwork.video_to_video))
         else:
           out.append(call(p, m, ql[:, None], t_len[None, :], method=SimilarityNetwork.video_to_video))
       return jnp.concatenate(out, axis=0)
@@ -141,12 +142,13 @@ class Engine:
     lens = np.array([len(v) for v in videos])
     order = np.argsort(lens, kind='stable')
     buckets = bucket_lengths(int(lens.max()), c.query_bucket_ratio, c.min_bucket)
-    chunks, part = [], []
+    chunks, part, rows_in_part = [], [], 0
     for i in order:   # consecutive runs of the length-sorted queries, at most max_query_rows frames each
-      if part and sum(lens[j] for j in part) + lens[i] > c.max_query_rows:
+      if part and rows_in_part + lens[i] > c.max_query_rows:
         chunks.append(part)
-        part = []
+        part, rows_in_part = [], 0
       part.append(i)
+      rows_in_part += lens[i]
     chunks.append(part)
     replicated = mesh_lib.replicated(self.mesh)
     out = []
@@ -247,7 +249,6 @@ class Engine:
     stop = threading.Event()
     reader = threading.Thread(target=self._reader, args=(ff, list(db_ids), blocks, q, stop), daemon=True)
     reader.start()
-    t_first = None
     try:
       while True:
         got = q.get()
@@ -265,8 +266,6 @@ class Engine:
           res = np.asarray(res, np.float64)[:, :len(its)]
           np.add.at(sums, (ch.rows[:, None], video[None, :]), res)
         np.add.at(counts, video, 1)
-        if t_first is None:
-          t_first = time.time()
         if bar is not None:
           bar.update(len(its) * len(query_ids))
     finally:

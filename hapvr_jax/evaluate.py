@@ -12,10 +12,9 @@ a failed run are never left behind (every output is written to a temporary name 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from common_jax import cli
@@ -27,7 +26,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder for metrics.json 
 OUTPUTS = ('metrics.json', 'similarities.pk', 'pr_curves.png')
 
 
-def load_model(config, workdir):
+def load_model(config):
   """(ModelConfig, params): from config.checkpoint, or a fresh network for the demo."""
   from hapvr_jax import model as model_lib
   from common_jax import checkpoint
@@ -62,7 +61,7 @@ def evaluate(config, workdir: str) -> dict:
     if not config[key]:
       raise cli.UsageError(f'config.{key} is empty')
   bench = benchmarks.load_benchmark(config.dataset, config.annotations)
-  model_config, params = load_model(config, workdir)
+  model_config, params = load_model(config)
   ff = features_lib.FeatureFile(config.features, dims=model_config.dims, min_len=model_config.min_len)
   present = ff.ids()
   queries = [q for q in bench.queries if q in present]
@@ -107,7 +106,6 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     return cli.fail('--workdir is required')
-  os.makedirs(workdir, exist_ok=True)
   # A failed run must not leave an earlier run's results looking like its own.
   io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
   t0 = time.time()
