@@ -1,0 +1,40 @@
+r"""Convert extracted views (HDF5 extraction format) to ArrayRecord training shards (spec §10.2).
+
+  python -m input_pipeline.make_shards --input=views/ --output=shards/vcdb [--records_per_shard=1024] \
+      [--name=vcdb]
+
+--input is one .h5/.hdf5 file or a folder of them (input_pipeline.shards, HDF5Store: groups
+/<video_id>/<segment>/<weak_i|strong_i>/{regions, teacher}); a `bank.npz` beside them is validated and
+copied. --output must not exist or be empty: the shards are written to a temporary folder beside it and
+renamed at the end, so a failed run leaves nothing. Every view is read, checked (shapes, NaN/Inf) and written
+as float16 with its `meta` attribute; the summary line gives videos, segments, views, shards and bytes.
+A bad input ends with one `error: ...` line naming the file and video, and exit code 2. The work is done by
+`input_pipeline.shards.convert` (callable without flags).
+"""
+from __future__ import annotations
+
+from absl import flags
+
+from common_jax import cli
+from input_pipeline import shards
+
+_INPUT = flags.DEFINE_string('input', None, 'HDF5 view file, or a folder of *.h5 / *.hdf5 view files.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Output shard directory (must not exist, or be empty).')
+_RECORDS = flags.DEFINE_integer('records_per_shard', 1024, 'Views per ArrayRecord shard file.')
+_NAME = flags.DEFINE_string('name', 'vcdb', 'Dataset name in the shard file names (<name>-train.array_record-*).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    return cli.fail(f'unexpected arguments {argv[1:]}')
+  if not _INPUT.value or not _OUTPUT.value:
+    return cli.fail('--input and --output are required')
+  with cli.clear_errors():
+    summary = shards.convert(_INPUT.value, _OUTPUT.value, _NAME.value, _RECORDS.value, progress=True)
+  print(f'{summary["videos"]:,} videos, {summary["segments"]:,} segments, {summary["views"]:,} views -> '
+        f'{summary["shards"]} shard file(s), {summary["bytes"] / 2**20:,.1f} MiB in {summary["directory"]}')
+  return 0
+
+
+if __name__ == '__main__':
+  cli.run(main)
