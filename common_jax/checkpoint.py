@@ -94,3 +94,27 @@ def load_params(directory: str, step: Optional[int] = None):
   if 'params' not in state:
     raise CheckpointError(f'{directory}: checkpoint step {step} has no params entry')
   return state['params'], model_config
+
+
+def save_train(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator=None, force: bool = False):
+  """Saves the train state (and the Grain iterator position) at `step`; True if a save was started."""
+  args = {'state': ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    import grain
+    args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def restore_train(mngr: ocp.CheckpointManager, abstract_state: Any, data_iterator=None, step=None):
+  """(step, state) restored into `abstract_state` (ShapeDtypeStructs carrying the current shardings, so the
+  checkpoint lands on this run's mesh whatever the device count it was written on); the data iterator, if
+  given, is moved to the saved position in place. (None, None) when there is no checkpoint."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    return None, None
+  args = {'state': ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    import grain
+    args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = mngr.restore(step, args=ocp.args.Composite(**args))
+  return step, restored['state']

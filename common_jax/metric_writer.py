@@ -1,7 +1,8 @@
 """The project's one metric writer (both systems): JSON lines plus TensorBoard-readable event files.
 
 Only process 0 writes. Each `write_scalars(step, {...})` appends one JSON line `{"step": s, ...}` to
-`workdir/<name>.jsonl` (flushed at once, so a killed run keeps every line it logged) and one scalar event per
+`workdir/<name>.jsonl` (or `workdir/<stream>.jsonl` with `stream=`, e.g. training scalars apart from
+evaluations) (flushed at once, so a killed run keeps every line it logged) and one scalar event per
 key under `workdir/tensorboard/`. Event files are written with the `tensorboard` package's own writer and
 protobufs, so no TensorFlow is needed.
 """
@@ -35,6 +36,7 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(self.path, 'a')
+    self._streams = {name: self._jsonl}
     if tensorboard:
       try:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -42,15 +44,18 @@ class MetricWriter:
       except ImportError:  # tensorboard is in requirements.txt; degrade to JSONL only if it is absent
         self._events = None
 
-  def write_scalars(self, step: int, scalars: Mapping[str, object]) -> None:
+  def write_scalars(self, step: int, scalars: Mapping[str, object], stream: Optional[str] = None) -> None:
     if not self.is_writer:
       return
+    if stream is not None and stream not in self._streams:
+      self._streams[stream] = open(os.path.join(os.path.dirname(self.path), f'{stream}.jsonl'), 'a')
+    out = self._jsonl if stream is None else self._streams[stream]
     record = {'step': int(step)}
     for key, value in scalars.items():
       f = _to_float(value)
       record[key] = value if f is None else (f if math.isfinite(f) else str(f))
-    self._jsonl.write(json.dumps(record, sort_keys=False) + '\n')
-    self._jsonl.flush()
+    out.write(json.dumps(record, sort_keys=False) + '\n')
+    out.flush()
     if self._events is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2
       values = [summary_pb2.Summary.Value(tag=k, simple_value=_to_float(v))
@@ -62,8 +67,9 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
+      for f in self._streams.values():
+        f.close()
+      self._jsonl, self._streams = None, {}
     if self._events is not None:
       self._events.close()
       self._events = None

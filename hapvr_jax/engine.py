@@ -108,6 +108,10 @@ class Engine:
     self.stats = {}
     self._fns = {}
 
+  def set_params(self, params) -> None:
+    """New parameters of the same architecture (e.g. during training); compiled scorers are reused."""
+    self.params = jax.device_put(params, mesh_lib.replicated(self.mesh))
+
   # --------------------------------------------------------------------------------------------- queries
   def _chunk_fn(self, groups):
     """The jitted scorer of one query chunk against a target block.
