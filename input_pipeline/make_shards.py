@@ -3,20 +3,22 @@ r"""Convert extracted views (HDF5 extraction format) to ArrayRecord training sha
   python -m input_pipeline.make_shards --input=views/ --output=shards/vcdb [--records_per_shard=1024] \
       [--name=vcdb]
 
---input is one .h5/.hdf5 file or a folder of them (input_pipeline.shards, HDF5Store: groups
+--input is one .h5/.hdf5 file or a folder of them (input_pipeline.hdf5_views, HDF5Store: groups
 /<video_id>/<segment>/<weak_i|strong_i>/{regions, teacher}); a `bank.npz` beside them is validated and
 copied. --output must not exist or be empty: the shards are written to a temporary folder beside it and
 renamed at the end, so a failed run leaves nothing. Every view is read, checked (shapes, NaN/Inf) and written
 as float16 with its `meta` attribute; the summary line gives videos, segments, views, shards and bytes.
-A bad input ends with one `error: ...` line naming the file and video, and exit code 2. The work is done by
-`input_pipeline.shards.convert` (callable without flags).
+The output also holds the TFDS metadata (dataset_info.json, features.json) that lets tensorflow-datasets open
+it with deserialize_method=RAW_BYTES (see input_pipeline.shards). A bad input ends with one `error: ...` line
+naming the file and video, and exit code 2. The work is done by `input_pipeline.hdf5_views.convert`
+(callable without flags).
 """
 from __future__ import annotations
 
 from absl import flags
 
 from common_jax import cli
-from input_pipeline import shards
+from input_pipeline import hdf5_views
 
 _INPUT = flags.DEFINE_string('input', None, 'HDF5 view file, or a folder of *.h5 / *.hdf5 view files.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output shard directory (must not exist, or be empty).')
@@ -30,7 +32,7 @@ def main(argv):
   if not _INPUT.value or not _OUTPUT.value:
     return cli.fail('--input and --output are required')
   with cli.clear_errors():
-    summary = shards.convert(_INPUT.value, _OUTPUT.value, _NAME.value, _RECORDS.value, progress=True)
+    summary = hdf5_views.convert(_INPUT.value, _OUTPUT.value, _NAME.value, _RECORDS.value, progress=True)
   print(f'{summary["videos"]:,} videos, {summary["segments"]:,} segments, {summary["views"]:,} views -> '
         f'{summary["shards"]} shard file(s), {summary["bytes"] / 2**20:,.1f} MiB in {summary["directory"]}')
   return 0

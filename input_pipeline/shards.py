@@ -1,4 +1,8 @@
-r"""On-disk training views (spec §10.2): ArrayRecord training shards, the HDF5 extraction format, the bank.
+r"""ArrayRecord training shards (spec §10.2): the record format, `ShardWriter`, `ArrayRecordStore`, the bank.
+
+The HDF5 extraction format (`HDF5Store`, `write_hdf5_views`) and the HDF5 -> shards conversion (`convert`,
+`convert_store`) live in `input_pipeline.hdf5_views`; they are re-exported here (imported on first use, so
+reading shards does not import h5py).
 
 **Shard directory** (written by `ShardWriter` / `python -m input_pipeline.make_shards`, read by
 `ArrayRecordStore`), in the TFDS array_record file layout:
@@ -6,6 +10,7 @@ r"""On-disk training views (spec §10.2): ArrayRecord training shards, the HDF5 
   OUT/<name>-train.array_record-00000-of-000NN   one record per stored view (video, segment, view)
   OUT/shards.json                                the index
   OUT/bank.npz                                   optional TSD black/noise frame bank
+  OUT/dataset_info.json, OUT/features.json       TFDS metadata (below); this code never reads them
 
 Records are written with group_size:1 (one record per chunk: true random access, what Grain expects) and,
 by default, uncompressed: fp16 features gain ~8% from zstd but read ~5x slower. A record is
@@ -19,11 +24,25 @@ shards.json holds {"format": "hapvr-view-shards", "version": 1, "info": StoreInf
 "shards": [{"file", "records"}], "videos": [{"id", "segments": [{"weak": [keys], "strong": [keys]}]}],
 "bank": "bank.npz" | null}; keys are global record indices (shard files concatenated in order).
 
-**HDF5 extraction format** (`HDF5Store`, `write_hdf5_views`): one or more `*.h5` / `*.hdf5` files, each with
-groups /<video_id>/<segment index 0..S-1>/<view>/ where <view> is weak_0, weak_1, ..., strong_0, ..., and each
-view group holds datasets `regions` [T, R, D] and `teacher` [T, C] (float; read back as float16) and an optional
-attribute `meta` (a JSON string). A video lives in exactly one file. An optional `bank.npz` sits in the same
-folder. The index is built from shapes only; data is read (and checked for NaN/Inf) one view at a time.
+**Reading the shards with TFDS** (optional: tensorflow-datasets is not a dependency; checked with 4.9.10, no
+TensorFlow needed). dataset_info.json describes OUT as a prepared TFDS dataset: fileFormat "array_record",
+the shard name, version "1.0.0", one split "train" with the shard file template and shardLengths; features.json
+declares an empty FeaturesDict. Open the records as raw bytes and decode them with `decode_record`:
+
+  import tensorflow_datasets as tfds
+  RAW = tfds.decode.DeserializeMethod.RAW_BYTES
+  source = tfds.builder_from_directory(OUT).as_data_source('train', deserialize_method=RAW)
+  header, regions, teacher = shards.decode_record(source[key])   # key: global record index, as in shards.json
+
+or, by name, with OUT placed at D/<name>/1.0.0 (e.g. make_shards --output=D/vcdb/1.0.0; the name must then
+match [a-zA-Z]\w*): `tfds.data_source('vcdb', data_dir=D, split='train[10:20]', deserialize_method=RAW)`.
+Either source is random access (len, [i]) and can feed `grain.MapDataset.source(source).map(...)`.
+RAW_BYTES is required. TFDS's default method parses every record as a serialized tf.train.Example and
+decodes it with the features of features.json; DESERIALIZE_NO_DECODE parses the Example with TensorFlow. These
+records are not Example protos (they are the float16 layout above, decoded with one frombuffer per array, no
+protobuf), so neither applies: with the empty FeaturesDict the default fails with "No features set, cannot
+decode example!" (with Tensor features declared it would fail on "Wire format was corrupt"), and
+DESERIALIZE_NO_DECODE needs TensorFlow. RAW_BYTES hands back each record's bytes untouched.
 
 **Bank** (`bank.npz`, spec §10.3): float16 arrays `input_pipeline.store.BANK_KEYS`.
 
@@ -43,9 +62,7 @@ import tempfile
 from typing import Dict, List, Optional
 
 from array_record.python import array_record_module
-import h5py
 import numpy as np
-import tqdm
 
 from common_jax import io_util
 from input_pipeline.store import BANK_KEYS, STRONG, WEAK, Segment, StoreInfo, ViewStore
@@ -53,24 +70,36 @@ from input_pipeline.store import BANK_KEYS, STRONG, WEAK, Segment, StoreInfo, Vi
 MAGIC = b'HAPVRv1\0'
 FORMAT, VERSION = 'hapvr-view-shards', 1
 INDEX, BANK = 'shards.json', 'bank.npz'
+TFDS_INFO, TFDS_FEATURES = 'dataset_info.json', 'features.json'
+TFDS_VERSION = f'{VERSION}.0.0'  # the dataset version TFDS sees (D/<name>/1.0.0/)
 DEFAULT_OPTIONS = 'group_size:1,uncompressed'
 _HEAD = struct.Struct('<8sI')
-_VIEW_NAME = re.compile(r'(weak|strong)_(\d+)')
 
 
 class ShardError(ValueError):
   pass
 
 
+_HDF5_NAMES = ('HDF5Store', 'write_hdf5_views', 'convert', 'convert_store')
+
+
+def __getattr__(name):
+  """Re-exports `input_pipeline.hdf5_views` (which imports this module) on first use."""
+  if name in _HDF5_NAMES:
+    from input_pipeline import hdf5_views  # pylint: disable=g-import-not-at-top
+    return getattr(hdf5_views, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 def shard_filename(name: str, index: int, count: int) -> str:
   return f'{name}-train.array_record-{index:05d}-of-{count:05d}'
 
 
-def _where(video_id, segment, kind, view) -> str:
+def view_where(video_id, segment, kind, view) -> str:
   return f'video {video_id!r} segment {segment} {kind} view {view}'
 
 
-def _check_shapes(where: str, rshape, rdtype, tshape, tdtype, expected=None) -> None:
+def check_shapes(where: str, rshape, rdtype, tshape, tdtype, expected=None) -> None:
   """Rank, float dtype, non-empty, frame counts agree, and (if given) shapes equal `expected` = (rs, ts)."""
   for name, shape, dtype, rank in (('regions', rshape, rdtype, 3), ('teacher', tshape, tdtype, 2)):
     if len(shape) != rank:
@@ -89,9 +118,9 @@ def _check_shapes(where: str, rshape, rdtype, tshape, tdtype, expected=None) -> 
 
 
 def check_view(where: str, regions, teacher, expected=None):
-  """Validate one view (shapes as `_check_shapes`, finite in float16); returns (regions, teacher) float16."""
+  """Validate one view (shapes as `check_shapes`, finite in float16); returns (regions, teacher) float16."""
   regions, teacher = np.asarray(regions), np.asarray(teacher)
-  _check_shapes(where, regions.shape, regions.dtype, teacher.shape, teacher.dtype, expected)
+  check_shapes(where, regions.shape, regions.dtype, teacher.shape, teacher.dtype, expected)
   out = []
   for name, x in (('regions', regions), ('teacher', teacher)):
     with np.errstate(over='ignore'):
@@ -202,7 +231,7 @@ def check_output(directory: str) -> None:
                      f'(remove it or choose another --output)')
 
 
-def _view_meta(where: str, meta) -> dict:
+def check_meta(where: str, meta) -> dict:
   if meta is None:
     return {}
   if not isinstance(meta, dict):
@@ -212,6 +241,23 @@ def _view_meta(where: str, meta) -> dict:
   except (TypeError, ValueError) as e:
     raise ShardError(f'{where}: meta is not JSON-serialisable ({e})') from e
   return meta
+
+
+def tfds_metadata(name: str, counts: List[int], nbytes: int):
+  """(dataset_info.json, features.json) contents that let TFDS open the shards (module docstring).
+
+  Hand-written protobuf JSON (DatasetInfo, FeaturesDict) as TFDS 4.9 writes it: int64 fields are strings and
+  only known field names appear (TFDS parses it strictly). `counts`: records per shard file, in order.
+  """
+  info = {
+      'name': name, 'version': TFDS_VERSION, 'fileFormat': 'array_record', 'moduleName': __name__,
+      'description': 'HAP-VR training views (one record per stored view). Records are not tf.train.Example: '
+                     'read them with deserialize_method=RAW_BYTES and decode them with '
+                     'input_pipeline.shards.decode_record.',
+      'splits': [{'name': 'train', 'filepathTemplate': '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
+                  'shardLengths': [str(int(n)) for n in counts], 'numBytes': str(int(nbytes))}]}
+  features = {'featuresDict': {}, 'pythonClassName': 'tensorflow_datasets.core.features.features_dict.FeaturesDict'}
+  return info, features
 
 
 class ShardWriter:
@@ -286,12 +332,12 @@ class ShardWriter:
       for kind in (WEAK, STRONG):
         views[kind] = []
         for v, view in enumerate(seg[kind]):
-          where = _where(video_id, s, kind, v)
+          where = view_where(video_id, s, kind, v)
           if not isinstance(view, (tuple, list)) or len(view) not in (2, 3):
             raise ShardError(f'{where}: expected (regions, teacher) or (regions, teacher, meta)')
           regions, teacher = check_view(where, view[0], view[1], expected)
           expected = expected or (regions.shape, teacher.shape)
-          views[kind].append((regions, teacher, _view_meta(where, view[2] if len(view) == 3 else None)))
+          views[kind].append((regions, teacher, check_meta(where, view[2] if len(view) == 3 else None)))
       prepared.append(views)
     out = []
     for s, views in enumerate(prepared):
@@ -318,7 +364,7 @@ class ShardWriter:
       self._tmp = None
 
   def close(self) -> dict:
-    """Names the shard files, writes shards.json (and bank.npz), renames the folder into place."""
+    """Names the shard files, writes shards.json (bank.npz, TFDS metadata), renames the folder into place."""
     if self._tmp is None:
       return self.summary
     try:
@@ -337,6 +383,10 @@ class ShardWriter:
         bank = check_bank(self._bank, 'bank', info)
         with open(os.path.join(self._tmp, BANK), 'wb') as f:
           np.savez(f, **bank)
+      nbytes = sum(os.path.getsize(os.path.join(self._tmp, f['file'])) for f in files)
+      for fn, content in zip((TFDS_INFO, TFDS_FEATURES), tfds_metadata(self.name, self._counts, nbytes)):
+        with open(os.path.join(self._tmp, fn), 'w') as f:
+          f.write(json.dumps(content, indent=2, sort_keys=True) + '\n')
       head = {'format': FORMAT, 'version': VERSION, 'info': dataclasses.asdict(info), 'dtype': 'float16',
               'name': self.name, 'records': self._records, 'shards': files, 'options': self.options,
               'bank': BANK if self._bank is not None else None}
@@ -494,8 +544,9 @@ class ArrayRecordStore(ViewStore):
     vi, (s, ki, v) = self._owner[key], self._place[key]
     found = (header['video_id'], header['segment'], header['kind'], header['view'])
     if vi >= 0 and found != (self._ids[vi], s, (WEAK, STRONG)[ki], v):
-      expected = _where(self._ids[vi], s, (WEAK, STRONG)[ki], v)
-      raise ShardError(f'{where}: holds {_where(*found)} but {INDEX} says {expected} (index and shards do not match)')
+      expected = view_where(self._ids[vi], s, (WEAK, STRONG)[ki], v)
+      raise ShardError(f'{where}: holds {view_where(*found)} but {INDEX} says {expected} '
+                       f'(index and shards do not match)')
     if (regions.shape + teacher.shape[1:]) != (self.info.frames, self.info.regions, self.info.dims,
                                                self.info.teacher_dims):
       raise ShardError(f'{where}: shapes {regions.shape}, {teacher.shape} do not match the index info {self.info}')
@@ -517,197 +568,18 @@ class ArrayRecordStore(ViewStore):
         self.load(key)
 
 
-# -------------------------------------------------------------------------------------------------- HDF5
-
-def _hdf5_files(path: str):
-  """(sorted HDF5 files, folder for bank.npz) of a file or a folder of `*.h5` / `*.hdf5` files."""
-  if os.path.isfile(path):
-    return [path], os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise ShardError(f'{path}: not found')
-  files = sorted(f for f in os.listdir(path) if f.endswith(('.h5', '.hdf5')) and not f.startswith('.'))
-  if not files:
-    raise ShardError(f'{path}: no *.h5 / *.hdf5 files in this folder')
-  return [os.path.join(path, f) for f in files], path
-
-
-def _open_h5(path: str) -> h5py.File:
-  try:
-    return h5py.File(path, 'r')
-  except OSError as e:
-    raise ShardError(f'{path}: not a readable HDF5 file ({e})') from e
-
-
-class HDF5Store(ViewStore):
-  """Views in the HDF5 extraction format (module docstring). Picklable: h5py handles open lazily per process."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._files, folder = _hdf5_files(path)
-    self._views, self._ids, self._segments, self._expected, owner = [], [], [], None, {}
-    for fi, fn in enumerate(self._files):
-      with _open_h5(fn) as f:
-        for vid in f:
-          if not isinstance(f[vid], h5py.Group):
-            raise ShardError(f'{fn}: /{vid} is a dataset; expected groups /<video_id>/<segment>/<view>/ '
-                             f'(is this a DnS evaluation feature file?)')
-          if vid in owner:
-            raise ShardError(f'video {vid!r} is in both {owner[vid]} and {fn} (duplicate video id)')
-          owner[vid] = fn
-          self._ids.append(vid)
-          self._segments.append(self._index_video(fi, fn, vid, f[vid]))
-    if not self._ids:
-      raise ShardError(f'{path}: no videos')
-    (t, r, d), (_, c) = self._expected
-    self.info = StoreInfo(frames=t, regions=r, dims=d, teacher_dims=c)
-    bank = os.path.join(folder, BANK)
-    self._bank = load_bank(bank, self.info) if os.path.isfile(bank) else None
-    self._h5, self._pid = {}, None
-
-  def _index_video(self, fi: int, fn: str, vid: str, group) -> List[Segment]:
-    names = list(group)
-    if not names or sorted(names) != sorted(map(str, range(len(names)))):
-      raise ShardError(f'{fn}: video {vid!r} has members {names}; expected segment groups 0..S-1')
-    segs = []
-    for s in range(len(names)):
-      sg, views = group[str(s)], {WEAK: {}, STRONG: {}}
-      if not isinstance(sg, h5py.Group):
-        raise ShardError(f'{fn}: video {vid!r} segment {s} is a dataset; expected a group of views')
-      for name in sg:
-        m = _VIEW_NAME.fullmatch(name)
-        if not m or int(m[2]) in views[m[1]] or not isinstance(sg[name], h5py.Group):
-          raise ShardError(f'{fn}: video {vid!r} segment {s}: unexpected member {name!r}; views are groups '
-                           f'named weak_<i> / strong_<i>')
-        views[m[1]][int(m[2])] = name
-      keys = {}
-      for kind in (WEAK, STRONG):
-        if not views[kind]:
-          raise ShardError(f'{fn}: video {vid!r} segment {s} has no {kind} view (members {list(sg)})')
-        keys[kind] = []
-        for i in sorted(views[kind]):
-          name = views[kind][i]
-          vg, where = sg[name], f'{fn}: video {vid!r} segment {s} view {name!r}'
-          if not all(isinstance(vg.get(k), h5py.Dataset) for k in ('regions', 'teacher')):
-            raise ShardError(f'{where}: needs datasets "regions" and "teacher" (has {list(vg)})')
-          r, t = vg['regions'], vg['teacher']
-          _check_shapes(where, r.shape, r.dtype, t.shape, t.dtype, self._expected)
-          self._expected = self._expected or (r.shape, t.shape)
-          keys[kind].append(len(self._views))
-          self._views.append((fi, f'{vid}/{s}/{name}'))
-      segs.append(Segment(tuple(keys[WEAK]), tuple(keys[STRONG])))
-    return segs
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    state['_h5'], state['_pid'] = {}, None
-    return state
-
-  def __repr__(self):
-    return f'HDF5Store({self.path!r})'
-
-  def close(self) -> None:
-    for f in self._h5.values():
-      f.close()
-    self._h5 = {}
-
-  @property
-  def video_ids(self):
-    return self._ids
-
-  def segments(self, index):
-    return self._segments[index]
-
-  def bank(self):
-    return self._bank
-
-  def _group(self, key):
-    if not 0 <= key < len(self._views):
-      raise ShardError(f'{self.path}: view key {key} is out of range [0, {len(self._views)})')
-    if self._pid != os.getpid():
-      self._h5, self._pid = {}, os.getpid()
-    fi, name = self._views[key]
-    if fi not in self._h5:
-      self._h5[fi] = _open_h5(self._files[fi])
-    vid, s, view = name.rsplit('/', 2)
-    return self._h5[fi][name], f'{self._files[fi]}: video {vid!r} segment {s} view {view!r}'
-
-  def load(self, key):
-    group, where = self._group(key)
-    try:
-      regions, teacher = group['regions'][()], group['teacher'][()]
-    except OSError as e:  # a corrupt chunk, a failed decompression
-      raise ShardError(f'{where}: cannot be read ({e})') from e
-    return check_view(where, regions, teacher, self._expected)
-
-  def view_meta(self, key) -> dict:
-    """The view's `meta` attribute (JSON) as a dict; {} when absent."""
-    group, where = self._group(key)
-    text = group.attrs.get('meta')
-    if text is None:
-      return {}
-    try:
-      meta = json.loads(text)
-    except ValueError as e:
-      raise ShardError(f'{where}: attribute "meta" is not valid JSON ({e})') from e
-    if not isinstance(meta, dict):
-      raise ShardError(f'{where}: attribute "meta" is not a JSON object')
-    return meta
-
-
-def write_hdf5_views(path: str, videos: Dict[str, list], bank: Optional[Dict[str, np.ndarray]] = None,
-                     dtype=np.float16) -> None:
-  """Writes {video_id: [{'weak': [view, ...], 'strong': [...]}]} in the HDF5 extraction format, atomically.
-
-  A view is (regions, teacher) or (regions, teacher, meta dict). Arrays are stored as given (cast to `dtype`;
-  shapes are checked by the reader, HDF5Store). `bank`, if given, goes to bank.npz beside the file.
-  """
-  with io_util.atomic_open(path, 'wb') as fo, h5py.File(fo, 'w') as f:
-    for vid, segments in videos.items():
-      if not isinstance(vid, str) or not vid or '/' in vid or vid in ('.', '..'):
-        raise ShardError(f'{path}: video id {vid!r} cannot be an HDF5 group name')
-      for s, seg in enumerate(segments):
-        for kind in (WEAK, STRONG):
-          for v, view in enumerate(seg.get(kind, ())):
-            g = f.create_group(f'{vid}/{s}/{kind}_{v}')
-            g.create_dataset('regions', data=np.asarray(view[0], dtype))
-            g.create_dataset('teacher', data=np.asarray(view[1], dtype))
-            if len(view) > 2 and view[2]:
-              g.attrs['meta'] = json.dumps(_view_meta(_where(vid, s, kind, v), view[2]))
-  if bank is not None:
-    save_bank(os.path.join(os.path.dirname(os.path.abspath(path)), BANK), bank)
-
-
-# ------------------------------------------------------------------------------------------- conversion
-
-def convert_store(store: ViewStore, output: str, name: str = 'vcdb', records_per_shard: int = 1024,
-                  progress: bool = False) -> dict:
-  """Writes every view of `store` (any ViewStore; per-view meta from `view_meta` when it has one) as shards."""
-  view_meta = getattr(store, 'view_meta', lambda key: {})
-  with ShardWriter(output, name=name, records_per_shard=records_per_shard, bank=store.bank()) as writer:
-    for i in tqdm.trange(len(store), desc='videos', unit='video', disable=not progress):
-      segments = [{kind: [(*store.load(k), view_meta(k)) for k in getattr(seg, kind)] for kind in (WEAK, STRONG)}
-                  for seg in store.segments(i)]
-      writer.add_video(store.video_ids[i], segments)
-  return writer.summary
-
-
-def convert(input_path: str, output: str, name: str = 'vcdb', records_per_shard: int = 1024,
-            progress: bool = False) -> dict:
-  """HDF5 views (a file or a folder) -> shard directory; what `python -m input_pipeline.make_shards` runs."""
-  check_output(output)  # fail before scanning a large input
-  return convert_store(HDF5Store(input_path), output, name, records_per_shard, progress)
-
 
 def open_store(path: str) -> ViewStore:
   """A shard directory (with shards.json) -> ArrayRecordStore; an HDF5 file or folder of them -> HDF5Store."""
+  from input_pipeline import hdf5_views  # pylint: disable=g-import-not-at-top  (it imports this module)
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, INDEX)):
     return ArrayRecordStore(path)
   if os.path.isfile(path) and path.endswith(('.h5', '.hdf5')):
-    return HDF5Store(path)
+    return hdf5_views.HDF5Store(path)
   if os.path.isdir(path):
     names = os.listdir(path)
     if any(n.endswith(('.h5', '.hdf5')) and not n.startswith('.') for n in names):
-      return HDF5Store(path)
+      return hdf5_views.HDF5Store(path)
     if any('.array_record' in n for n in names):
       raise ShardError(f'{path}: has ArrayRecord shard files but no {INDEX} index')
     raise ShardError(f'{path}: neither a shard directory ({INDEX}) nor a folder of *.h5 / *.hdf5 view files')

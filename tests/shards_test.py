@@ -88,7 +88,8 @@ def test_shard_round_trip(tmp_path):
   summary = write_shards(tmp_path / 'out', videos, records_per_shard=7, bank=bank)
   assert (summary['videos'], summary['segments'], summary['views'], summary['shards']) == (5, 10, 40, 6)
   names = sorted(os.listdir(tmp_path / 'out'))
-  assert names == ['bank.npz', 'shards.json'] + [f'vcdb-train.array_record-{i:05d}-of-00006' for i in range(6)]
+  assert names == (['bank.npz', 'dataset_info.json', 'features.json', 'shards.json']
+                   + [f'vcdb-train.array_record-{i:05d}-of-00006' for i in range(6)])
   assert os.listdir(tmp_path) == ['out']  # no temporary folder left behind
   store = shards.ArrayRecordStore(str(tmp_path / 'out'))
   assert store.video_ids == list(videos) and store.num_records == 40
@@ -110,6 +111,45 @@ def test_grain_reads_the_shards(tmp_path):
   assert header['video_id'] == 'v01' and regions.shape == (T, R, D)
   ds = grain.MapDataset.range(len(store)).map(lambda i: store.load(store.segments(i)[0].weak[0])[0])
   np.testing.assert_array_equal(ds[1], make_videos(n=3)['v01'][0]['weak'][0][0])
+
+
+def test_tfds_metadata(tmp_path):
+  """dataset_info.json / features.json: the protobuf JSON TFDS 4.9 reads (int64 as strings), this run's shards."""
+  write_shards(tmp_path / 'out', make_videos(n=3), records_per_shard=5, name='demo')
+  info = json.loads((tmp_path / 'out' / 'dataset_info.json').read_text())
+  store = shards.ArrayRecordStore(str(tmp_path / 'out'))  # the extra files do not disturb the store
+  split, = info.pop('splits')
+  assert info.pop('description').startswith('HAP-VR training views')
+  assert info == {'name': 'demo', 'version': '1.0.0', 'fileFormat': 'array_record',
+                  'moduleName': 'input_pipeline.shards'}
+  assert split == {'name': 'train', 'filepathTemplate': '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
+                   'shardLengths': ['5', '5', '5', '5', '4'],
+                   'numBytes': str(sum(os.path.getsize(f) for f in store.shard_files))}
+  assert [os.path.basename(f) for f in store.shard_files] == [
+      f'demo-train.array_record-{i:05d}-of-00005' for i in range(5)]  # what the template names
+  assert json.loads((tmp_path / 'out' / 'features.json').read_text()) == {
+      'featuresDict': {}, 'pythonClassName': 'tensorflow_datasets.core.features.features_dict.FeaturesDict'}
+
+
+def test_tfds_reads_the_shards_as_raw_bytes(tmp_path):
+  """With tensorflow-datasets installed (not a dependency): both TFDS entry points, RAW_BYTES + decode_record."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  raw = tfds.decode.DeserializeMethod.RAW_BYTES
+  out = tmp_path / 'data' / 'vcdb' / shards.TFDS_VERSION  # the layout tfds.data_source looks up by name
+  write_shards(out, make_videos(n=3), records_per_shard=5, bank=make_bank())
+  store = shards.ArrayRecordStore(str(out))
+  builder = tfds.builder_from_directory(str(out))
+  assert builder.info.splits['train'].shard_lengths == [5, 5, 5, 5, 4]
+  source = builder.as_data_source('train', deserialize_method=raw)
+  assert len(source) == store.num_records == 24
+  for key in range(len(source)):
+    header, regions, teacher = shards.decode_record(source[key])
+    assert header == store.view_header(key)
+    for x, y in zip((regions, teacher), store.load(key)):
+      np.testing.assert_array_equal(x, y)
+  sliced = tfds.data_source('vcdb', data_dir=str(tmp_path / 'data'), split='train[10:20]', deserialize_method=raw)
+  assert len(sliced) == 10
+  assert [shards.decode_record(sliced[i])[0] for i in range(10)] == [store.view_header(k) for k in range(10, 20)]
 
 
 def test_hdf5_round_trip_and_pickling(tmp_path):
