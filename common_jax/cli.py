@@ -49,7 +49,11 @@ def run(main):
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
-      fail(str(e))
+      message = str(e)
+      if 'Traceback (most recent call last)' in message:   # a config file that raised while loading
+        head = message.split('\n', 1)[0].rstrip(': ')
+        message = f'{head}: {message.strip().splitlines()[-1]}'
+      fail(message)
     except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections override errors
       fail(f'bad config override: {e}')
   app.run(main, flags_parser=flags_parser)

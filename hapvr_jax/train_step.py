@@ -139,7 +139,7 @@ def make_train_step(model_config: model_lib.ModelConfig, config, mesh):
   def step_fn(state, batch):
     batch = {k: v.reshape((groups, n_clips) + v.shape[1:]) for k, v in batch.items()}
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -150,7 +150,7 @@ def make_train_step(model_config: model_lib.ModelConfig, config, mesh):
                  'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
                                              jnp.minimum(state['nonfinite_step'], step))}
     metrics = {'loss': loss, **{f'loss/{k}' if k in weights else k: v for k, v in terms.items()},
-               'grad_norm': grad_norm, 'param_norm': optax.global_norm(state['params']), 'lr': schedule(step)}
+               'grad_norm': grad_norm, 'param_norm': optax.tree.norm(state['params']), 'lr': schedule(step)}
     return new_state, metrics
 
   rep = mesh_lib.replicated(mesh)
