@@ -22,14 +22,13 @@ rate from the analytic count of spec §7.1/§7.4 — frame-to-frame 2 R^2 D T^2 
 pair, plus the attention, times 3 for forward + backward — against a large matmul of the step's dtype and
 precision timed in the same run (the practical peak of the device).
 
-Measured (2-core Xeon CPU, default sizes, 7 runs with no other job running at their start): JAX median step
-322-514 ms (best 3.11 steps/s, 99.5 clips/s), PyTorch reference 304-424 ms (best 3.29 steps/s, 105 clips/s);
-ratio jax/torch 0.83-1.23x, median 0.91x; JAX 23-36 GFLOP/s useful = 0.18-0.24 of a float32 matmul
-(100-164 GFLOP/s); compile 6-10 s; about 40-50 s in all. On this CPU both sides are dominated by the
-comparator's convolution gradients (in JAX the CNN's backward costs ~10x its forward: 132 vs 12 ms per group),
-which XLA:CPU does no faster than PyTorch; the frame-to-frame part and the losses are cheap at this size. With
---frames=28 --dims=128: 1225 vs 1140 ms (0.93x). Timings on a 2-core machine only mean something when nothing
-else runs: a concurrent job slows the 2-thread PyTorch side up to 10x.
+Measured (2-core Xeon CPU, default sizes, quiet machine, 3 runs): JAX median step 302-321 ms (3.1-3.3 steps/s,
+100-106 clips/s), PyTorch reference 354-376 ms (2.7-2.8 steps/s); ratio jax/torch 1.15-1.23x; JAX 36-39
+GFLOP/s useful = 0.24-0.30 of a float32 matmul timed in the same run (121-163 GFLOP/s); compile 6 s. On this
+CPU both sides are dominated by the comparator's backward pass. Before the comparator's max pooling was
+written as reshape + max (XLA:CPU's select-and-scatter gradient of nn.max_pool was 3x slower), the ratio was
+0.83-1.23x, median 0.91x. Timings on a 2-core machine only mean something when nothing else runs: a
+concurrent job slows the 2-thread PyTorch side up to 10x.
 """
 from __future__ import annotations
 

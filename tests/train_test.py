@@ -81,6 +81,26 @@ def test_sharded_step_equals_single_device(shards):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[8][0], out[1][0])
 
 
+def test_bfloat16_step_is_close_to_float32(shards):
+  c32, c16 = tiny_config(shards), tiny_config(shards, compute_dtype='bfloat16')
+  mc = model_lib.ModelConfig.from_dict(dict(c32.model))
+  rng = np.random.default_rng(1)
+  g, n, t = c32.data.groups, 2 * c32.data.sources_per_group, c32.data.window
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  batch = {'regions': unit(rng.normal(size=(g, n, t, 9, 24))).astype(np.float16),
+           'teacher': rng.normal(size=(g, n, t, 8)).astype(np.float16),
+           'y': np.stack([np.tile(np.eye(n // 2), (2, 2))] * g).astype(np.float32)}
+  mesh = mesh_lib.make_mesh()
+  out = {}
+  for c in (c32, c16):
+    state = jax.device_put(step_lib.init_state(mc, c, 0), mesh_lib.replicated(mesh))
+    _, metrics = step_lib.make_train_step(mc, c, mesh)(state, step_lib.put_batch(batch, mesh, c))
+    out[c.compute_dtype] = jax.device_get(metrics)
+  assert np.isfinite(out['bfloat16']['loss'])
+  assert out['bfloat16']['loss'] == pytest.approx(out['float32']['loss'], rel=0.05)
+  assert out['bfloat16']['grad_norm'] == pytest.approx(out['float32']['grad_norm'], rel=0.2)
+
+
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, uninterrupted, tmp_path):
   workdir = str(tmp_path)
   log = os.path.join(workdir, 'train.jsonl')
