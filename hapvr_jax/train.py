@@ -140,11 +140,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       at_log = step % config.log_every == 0 or step == total
       # one process: stop at once; several: agree at a log step, which every process reaches
       stopping = (at_log or jax.process_count() == 1) and stop.requested()
-      if at_log or stopping:
+      at_ckpt = step % config.checkpoint_every == 0 or step == total or stopping
+      if at_log or at_ckpt:   # never log or checkpoint past a non-finite step
         bad = int(jax.device_get(state['nonfinite_step']))
         if bad != step_lib.NO_STEP:
           raise TrainingError(f'non-finite loss or gradient at step {bad}; the last checkpoint before it is '
                               f'kept in {workdir}/ckpt (lower the learning rate or check the data)')
+      if at_log or stopping:
         host = jax.device_get(pending)
         last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         now = time.time()
@@ -155,7 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f'step {step:>6}/{total}  loss={last["loss"]:.4f}  lr={last["lr"]:.2e}  '
               f'|g|={last["grad_norm"]:.3f}  {rate:.2f} steps/s  ETA {last["eta_minutes"]:.1f} min', flush=True)
         pending, t_log, s_log = [], now, step
-      if step % config.checkpoint_every == 0 or step == total or stopping:
+      if at_ckpt:
         checkpoint.save_train(mngr, step, state, data_iter, force=True)
       if config.eval_every and (step % config.eval_every == 0 or step == total):
         evaluate(step, state)

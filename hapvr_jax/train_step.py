@@ -1,6 +1,7 @@
 """The HAP-VR train step: losses of a batch of loss groups, AdamW with the original schedule, sharded jit.
 
-A batch holds G loss groups of N = 2B clips (B weak clips, then their B strong views; spec §3.1, §10.5):
+A batch holds G loss groups of N = 2B clips (B weak clips, then their B strong views; spec §3.1, §10.5); the
+pipeline delivers [G, N, ...] and `put_batch` places it on the mesh flattened to [G * N, ...]:
 
   regions [G, N, T, R, D]   region features (float16/bfloat16/float32)
   teacher [G, N, T, C]      teacher (DINO CLS) frame features, for the pseudo-labels
