@@ -8,7 +8,7 @@ folder. The index is built from shapes only; data is read (and checked for NaN/I
 
 `convert` (what `python -m input_pipeline.make_shards` runs) and `convert_store` write any of these stores as
 ArrayRecord shards (`input_pipeline.shards`, which re-exports every public name of this module). Errors are
-`shards.ShardError`s naming the file, video, segment and view at fault.
+`ShardError`s (`input_pipeline.shard_format`) naming the file, video, segment and view at fault.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import tqdm
 
 from common_jax import io_util
 from input_pipeline import shards
+from input_pipeline.shard_format import (BANK, ShardError, check_meta, check_output, check_shapes, check_view,
+                                         load_bank, save_bank, view_where)
 from input_pipeline.store import STRONG, WEAK, Segment, StoreInfo, ViewStore
 
 _VIEW_NAME = re.compile(r'(weak|strong)_(\d+)')
@@ -33,10 +35,10 @@ def _hdf5_files(path: str):
   if os.path.isfile(path):
     return [path], os.path.dirname(path)
   if not os.path.isdir(path):
-    raise shards.ShardError(f'{path}: not found')
+    raise ShardError(f'{path}: not found')
   files = sorted(f for f in os.listdir(path) if f.endswith(('.h5', '.hdf5')) and not f.startswith('.'))
   if not files:
-    raise shards.ShardError(f'{path}: no *.h5 / *.hdf5 files in this folder')
+    raise ShardError(f'{path}: no *.h5 / *.hdf5 files in this folder')
   return [os.path.join(path, f) for f in files], path
 
 
@@ -44,7 +46,7 @@ def _open_h5(path: str) -> h5py.File:
   try:
     return h5py.File(path, 'r')
   except OSError as e:
-    raise shards.ShardError(f'{path}: not a readable HDF5 file ({e})') from e
+    raise ShardError(f'{path}: not a readable HDF5 file ({e})') from e
 
 
 class HDF5Store(ViewStore):
@@ -58,48 +60,48 @@ class HDF5Store(ViewStore):
       with _open_h5(fn) as f:
         for vid in f:
           if not isinstance(f[vid], h5py.Group):
-            raise shards.ShardError(f'{fn}: /{vid} is a dataset; expected groups /<video_id>/<segment>/<view>/ '
+            raise ShardError(f'{fn}: /{vid} is a dataset; expected groups /<video_id>/<segment>/<view>/ '
                              f'(is this a DnS evaluation feature file?)')
           if vid in owner:
-            raise shards.ShardError(f'video {vid!r} is in both {owner[vid]} and {fn} (duplicate video id)')
+            raise ShardError(f'video {vid!r} is in both {owner[vid]} and {fn} (duplicate video id)')
           owner[vid] = fn
           self._ids.append(vid)
           self._segments.append(self._index_video(fi, fn, vid, f[vid]))
     if not self._ids:
-      raise shards.ShardError(f'{path}: no videos')
+      raise ShardError(f'{path}: no videos')
     (t, r, d), (_, c) = self._expected
     self.info = StoreInfo(frames=t, regions=r, dims=d, teacher_dims=c)
-    bank = os.path.join(folder, shards.BANK)
-    self._bank = shards.load_bank(bank, self.info) if os.path.isfile(bank) else None
+    bank = os.path.join(folder, BANK)
+    self._bank = load_bank(bank, self.info) if os.path.isfile(bank) else None
     self._h5, self._pid = {}, None
 
   def _index_video(self, fi: int, fn: str, vid: str, group) -> List[Segment]:
     names = list(group)
     if not names or sorted(names) != sorted(map(str, range(len(names)))):
-      raise shards.ShardError(f'{fn}: video {vid!r} has members {names}; expected segment groups 0..S-1')
+      raise ShardError(f'{fn}: video {vid!r} has members {names}; expected segment groups 0..S-1')
     segs = []
     for s in range(len(names)):
       sg, views = group[str(s)], {WEAK: {}, STRONG: {}}
       if not isinstance(sg, h5py.Group):
-        raise shards.ShardError(f'{fn}: video {vid!r} segment {s} is a dataset; expected a group of views')
+        raise ShardError(f'{fn}: video {vid!r} segment {s} is a dataset; expected a group of views')
       for name in sg:
         m = _VIEW_NAME.fullmatch(name)
         if not m or int(m[2]) in views[m[1]] or not isinstance(sg[name], h5py.Group):
-          raise shards.ShardError(f'{fn}: video {vid!r} segment {s}: unexpected member {name!r}; views are groups '
+          raise ShardError(f'{fn}: video {vid!r} segment {s}: unexpected member {name!r}; views are groups '
                            f'named weak_<i> / strong_<i>')
         views[m[1]][int(m[2])] = name
       keys = {}
       for kind in (WEAK, STRONG):
         if not views[kind]:
-          raise shards.ShardError(f'{fn}: video {vid!r} segment {s} has no {kind} view (members {list(sg)})')
+          raise ShardError(f'{fn}: video {vid!r} segment {s} has no {kind} view (members {list(sg)})')
         keys[kind] = []
         for i in sorted(views[kind]):
           name = views[kind][i]
           vg, where = sg[name], f'{fn}: video {vid!r} segment {s} view {name!r}'
           if not all(isinstance(vg.get(k), h5py.Dataset) for k in ('regions', 'teacher')):
-            raise shards.ShardError(f'{where}: needs datasets "regions" and "teacher" (has {list(vg)})')
+            raise ShardError(f'{where}: needs datasets "regions" and "teacher" (has {list(vg)})')
           r, t = vg['regions'], vg['teacher']
-          shards.check_shapes(where, r.shape, r.dtype, t.shape, t.dtype, self._expected)
+          check_shapes(where, r.shape, r.dtype, t.shape, t.dtype, self._expected)
           self._expected = self._expected or (r.shape, t.shape)
           keys[kind].append(len(self._views))
           self._views.append((fi, f'{vid}/{s}/{name}'))
@@ -131,7 +133,7 @@ class HDF5Store(ViewStore):
 
   def _group(self, key):
     if not 0 <= key < len(self._views):
-      raise shards.ShardError(f'{self.path}: view key {key} is out of range [0, {len(self._views)})')
+      raise ShardError(f'{self.path}: view key {key} is out of range [0, {len(self._views)})')
     if self._pid != os.getpid():
       self._h5, self._pid = {}, os.getpid()
     fi, name = self._views[key]
@@ -145,8 +147,8 @@ class HDF5Store(ViewStore):
     try:
       regions, teacher = group['regions'][()], group['teacher'][()]
     except OSError as e:  # a corrupt chunk, a failed decompression
-      raise shards.ShardError(f'{where}: cannot be read ({e})') from e
-    return shards.check_view(where, regions, teacher, self._expected)
+      raise ShardError(f'{where}: cannot be read ({e})') from e
+    return check_view(where, regions, teacher, self._expected)
 
   def view_meta(self, key) -> dict:
     """The view's `meta` attribute (JSON) as a dict; {} when absent."""
@@ -157,9 +159,9 @@ class HDF5Store(ViewStore):
     try:
       meta = json.loads(text)
     except ValueError as e:
-      raise shards.ShardError(f'{where}: attribute "meta" is not valid JSON ({e})') from e
+      raise ShardError(f'{where}: attribute "meta" is not valid JSON ({e})') from e
     if not isinstance(meta, dict):
-      raise shards.ShardError(f'{where}: attribute "meta" is not a JSON object')
+      raise ShardError(f'{where}: attribute "meta" is not a JSON object')
     return meta
 
 
@@ -173,7 +175,7 @@ def write_hdf5_views(path: str, videos: Dict[str, list], bank: Optional[Dict[str
   with io_util.atomic_open(path, 'wb') as fo, h5py.File(fo, 'w') as f:
     for vid, segments in videos.items():
       if not isinstance(vid, str) or not vid or '/' in vid or vid in ('.', '..'):
-        raise shards.ShardError(f'{path}: video id {vid!r} cannot be an HDF5 group name')
+        raise ShardError(f'{path}: video id {vid!r} cannot be an HDF5 group name')
       for s, seg in enumerate(segments):
         for kind in (WEAK, STRONG):
           for v, view in enumerate(seg.get(kind, ())):
@@ -181,9 +183,9 @@ def write_hdf5_views(path: str, videos: Dict[str, list], bank: Optional[Dict[str
             g.create_dataset('regions', data=np.asarray(view[0], dtype))
             g.create_dataset('teacher', data=np.asarray(view[1], dtype))
             if len(view) > 2 and view[2]:
-              g.attrs['meta'] = json.dumps(shards.check_meta(shards.view_where(vid, s, kind, v), view[2]))
+              g.attrs['meta'] = json.dumps(check_meta(view_where(vid, s, kind, v), view[2]))
   if bank is not None:
-    shards.save_bank(os.path.join(os.path.dirname(os.path.abspath(path)), shards.BANK), bank)
+    save_bank(os.path.join(os.path.dirname(os.path.abspath(path)), BANK), bank)
 
 
 def convert_store(store: ViewStore, output: str, name: str = 'vcdb', records_per_shard: int = 1024,
@@ -201,5 +203,5 @@ def convert_store(store: ViewStore, output: str, name: str = 'vcdb', records_per
 def convert(input_path: str, output: str, name: str = 'vcdb', records_per_shard: int = 1024,
             progress: bool = False) -> dict:
   """HDF5 views (a file or a folder) -> shard directory; what `python -m input_pipeline.make_shards` runs."""
-  shards.check_output(output)  # fail before scanning a large input
+  check_output(output)  # fail before scanning a large input
   return convert_store(HDF5Store(input_path), output, name, records_per_shard, progress)
