@@ -6,7 +6,9 @@ learning rate, the gradient norm, steps/s and the ETA (WORKDIR/train.jsonl + Ten
 run if a step had a non-finite loss or gradient (naming the step). Every `checkpoint_every` steps, at the
 end, and on SIGTERM/SIGINT it saves params, optimizer state, step and the data iterator position to
 WORKDIR/ckpt/ (Orbax). Every `eval_every` steps, and at step 0, it evaluates FIVR-5K (or the demo's
-synthetic split) through the evaluation engine and writes one line per evaluation to WORKDIR/metrics.jsonl.
+synthetic split) through the evaluation engine, writes one line per evaluation to WORKDIR/metrics.jsonl
+and draws WORKDIR/plots/ (mAP against the step; the frame-similarity map and comparator output of one
+training pair).
 
 Rerunning the same command resumes from the latest checkpoint: same parameters, optimizer moments, step and
 the exact next batch, on any device count. WORKDIR/model_config.json makes the workdir a checkpoint
@@ -27,6 +29,7 @@ from common_jax import mesh as mesh_lib
 from common_jax import metric_writer
 from common_jax import preemption
 from hapvr_jax import model as model_lib
+from hapvr_jax import train_plots
 from hapvr_jax import train_step as step_lib
 
 
@@ -62,6 +65,16 @@ class Evaluator:
     metrics['mAP'] = metrics.get('DSVR', metrics.get('mAP', float('nan')))
     metrics['eval_seconds'] = engine.stats['seconds']
     return metrics
+
+
+def _pair_maps(net, params, x):
+  """f2f map [T, T] and comparator output [T/4, T/4] of clip x[0] against clip x[1]."""
+  call = lambda *a, method: net.apply({'params': params}, *a, method=method)
+  idx = call(x, method=model_lib.SimilarityNetwork.index_video)
+  f2f = call(idx[:1], idx[1:], method=model_lib.SimilarityNetwork.frame_to_frame)
+  out, _, _ = call(call(f2f, method=model_lib.SimilarityNetwork.comparator_input),
+                   method=model_lib.SimilarityNetwork.compare)
+  return f2f[0, 0], out[0, 0]
 
 
 def _prepare_demo(config, workdir):
@@ -116,6 +129,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metric_writer.MetricWriter(workdir, 'metrics')
   stop = preemption.StopSignal()
 
+  net = model_lib.SimilarityNetwork(model_config)
+  pair_maps = jax.jit(lambda p, x: _pair_maps(net, p, x))   # host inputs: runs on this process's device
+  last_batch = {}
+
   def evaluate(step, state):
     if evaluator is None:
       return
@@ -125,6 +142,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       m = evaluator(params, baseline=baseline)
       writer.write_scalars(step, {'model': name, **m})
       print(f'step {step:>6}  eval {name:<30} mAP={m["mAP"]:.4f}  ({m["eval_seconds"]:.1f}s)', flush=True)
+    if writer.is_writer:
+      train_plots.plot_map_curve(writer.path, os.path.join(workdir, 'plots', 'map.png'))
+      if last_batch:
+        regions = np.asarray(last_batch['regions'][0], np.float32)   # group 0: weak clip 0, its strong view
+        f2f, out = jax.device_get(pair_maps(params, regions[np.array([0, regions.shape[0] // 2])]))
+        train_plots.plot_similarity(f2f, out, os.path.join(workdir, 'plots', f'similarity_{step:06d}.png'),
+                                    f'step {step}: weak clip vs its strong view')
 
   if start == 0:
     evaluate(0, state)
@@ -133,7 +157,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step = start
   try:
     while step < total:
-      batch = step_lib.put_batch(next(data_iter), mesh, config)
+      host_batch = next(data_iter)
+      batch = step_lib.put_batch(host_batch, mesh, config)
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
       step += 1
@@ -160,6 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if at_ckpt:
         checkpoint.save_train(mngr, step, state, data_iter, force=True)
       if config.eval_every and (step % config.eval_every == 0 or step == total):
+        last_batch['regions'] = host_batch['regions']
         evaluate(step, state)
         t_log = time.time()   # keep evaluation time out of steps/s
       if stopping:

@@ -179,3 +179,5 @@ def test_demo_learns(tmp_path):
   untrained, raw = evals[(0, 'untrained')], evals[(0, 'raw-feature Chamfer baseline')]
   trained = evals[(50, 'trained')]
   assert trained >= untrained + 0.15 and trained > raw, evals
+  assert (tmp_path / 'plots' / 'map.png').stat().st_size > 1000
+  assert (tmp_path / 'plots' / 'similarity_000050.png').stat().st_size > 1000
