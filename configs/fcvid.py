@@ -1,0 +1,21 @@
+r"""AVHash on FCVID (239 classes, `video_id,label` lists with 1-based labels).
+
+  python -m avhash_jax.evaluate --config=configs/fcvid.py --workdir=runs/fcvid64_eval \
+      --config.image_h5=/data/fcvid_vit_train.h5 --config.audio_h5=/data/AST_fcvid_5s.h5 \
+      --config.test_list=lists/fcvid/test.txt --config.retrieval_list=lists/fcvid/train.txt \
+      --config.checkpoint=ckpt/avhash64
+
+queries = test list, database = retrieval list (the training set, as the original). The SSVH protocol
+(45,600 x 45,600, the retrieval list as both queries and database):
+
+  python -m avhash_jax.evaluate --config=configs/fcvid.py:all_vs_all --workdir=runs/fcvid64_ava \
+      --config.image_h5=... --config.audio_h5=... --config.retrieval_list=lists/fcvid/test.txt \
+      --config.checkpoint=ckpt/avhash64
+
+Other code lengths: `--config=configs/fcvid.py:bits=16`. Writes metrics.json, codes.h5, pr_curve.png.
+"""
+from configs import avhash_common
+
+
+def get_config(arg=None):
+  return avhash_common.avhash_config('fcvid', arg)
