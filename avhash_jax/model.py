@@ -33,7 +33,6 @@ The unused word-embedding tables and `Audio_project` of the original are not par
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -42,11 +41,13 @@ import jax.numpy as jnp
 from jax import lax
 import flax.linen as nn
 
+from common_jax import config_util
+
 BITS = (16, 32, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(config_util.JsonConfig):
   """Architecture; the encoder fields are those of the original's BertConfig/config.json (spec §2.1)."""
   hidden_size: int = 768
   num_attention_heads: int = 12
@@ -70,20 +71,6 @@ class ModelConfig:
       raise ValueError(f'tokens={self.tokens} + CLS exceed max_position_embeddings={self.max_position_embeddings}')
     if self.num_hidden_layers < 1:
       raise ValueError(f'num_hidden_layers={self.num_hidden_layers} must be >= 1')
-
-  @classmethod
-  def from_dict(cls, d: dict, where: str = 'model config') -> 'ModelConfig':
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'{where}: unknown model config keys {unknown}; known keys are {sorted(names)}')
-    return cls(**d)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 def torch_linear_init(fan_in: int):

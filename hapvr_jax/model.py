@@ -16,7 +16,6 @@ Validity is given as prefix lengths (`q_len`, `t_len`); padded inputs give exact
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Optional
 
 import jax
@@ -24,11 +23,12 @@ import jax.numpy as jnp
 from jax import lax
 import flax.linen as nn
 
+from common_jax import config_util
 from hapvr_jax import similarity as sim_lib
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(config_util.JsonConfig):
   """Architecture of the similarity network; the fields of the original's argparse namespace."""
   dims: int = 512
   attention: bool = True
@@ -47,20 +47,6 @@ class ModelConfig:
     sim_lib.check_kind(self.v2v_sim_module)
     if self.attention and self.binarization:
       raise ValueError('attention=True and binarization=True cannot be combined (as in the original)')
-
-  @classmethod
-  def from_dict(cls, d: dict, where: str = 'model config') -> 'ModelConfig':
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'{where}: unknown model config keys {unknown}; known keys are {sorted(names)}')
-    return cls(**d)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 def _valid_mask(n_rows, n_cols, row_len, col_len):
