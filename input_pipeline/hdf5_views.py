@@ -25,7 +25,7 @@ from common_jax import io_util
 from input_pipeline import shards
 from input_pipeline.shard_format import (BANK, ShardError, check_meta, check_output, check_shapes, check_view,
                                          load_bank, save_bank, view_where)
-from input_pipeline.store import STRONG, WEAK, Segment, StoreInfo, ViewStore
+from input_pipeline.store import STRONG, WEAK, IndexedStore, Segment, StoreInfo, ViewStore
 
 _VIEW_NAME = re.compile(r'(weak|strong)_(\d+)')
 
@@ -49,7 +49,7 @@ def _open_h5(path: str) -> h5py.File:
     raise ShardError(f'{path}: not a readable HDF5 file ({e})') from e
 
 
-class HDF5Store(ViewStore):
+class HDF5Store(IndexedStore):
   """Views in the HDF5 extraction format (module docstring). Picklable: h5py handles open lazily per process."""
 
   def __init__(self, path: str):
@@ -120,16 +120,6 @@ class HDF5Store(ViewStore):
     for f in self._h5.values():
       f.close()
     self._h5 = {}
-
-  @property
-  def video_ids(self):
-    return self._ids
-
-  def segments(self, index):
-    return self._segments[index]
-
-  def bank(self):
-    return self._bank
 
   def _group(self, key):
     if not 0 <= key < len(self._views):

@@ -24,7 +24,7 @@ from input_pipeline.shard_format import (  # pylint: disable=unused-import  (re-
     BANK, DEFAULT_OPTIONS, FORMAT, INDEX, MAGIC, TFDS_FEATURES, TFDS_INFO, TFDS_VERSION, VERSION, ShardError,
     check_bank, check_meta, check_output, check_shapes, check_video, check_view, decode_record, encode_record,
     load_bank, read_index, save_bank, shard_filename, tfds_metadata, view_where, write_metadata)
-from input_pipeline.store import STRONG, WEAK, Segment, StoreInfo, ViewStore
+from input_pipeline.store import STRONG, WEAK, IndexedStore, Segment, StoreInfo, ViewStore
 
 _HDF5_NAMES = ('HDF5Store', 'write_hdf5_views', 'convert', 'convert_store')
 
@@ -170,7 +170,7 @@ class _FileInstruction:
   examples_in_shard: int
 
 
-class ArrayRecordStore(ViewStore):
+class ArrayRecordStore(IndexedStore):
   """A shard directory as a ViewStore; keys are global record indices. Picklable; files open lazily."""
 
   def __init__(self, directory: str):
@@ -240,16 +240,6 @@ class ArrayRecordStore(ViewStore):
   @property
   def num_records(self) -> int:
     return int(self._starts[-1])
-
-  @property
-  def video_ids(self):
-    return self._ids
-
-  def segments(self, index):
-    return self._segments[index]
-
-  def bank(self):
-    return self._bank
 
   def _source(self):
     if self._src is None or self._pid != os.getpid():

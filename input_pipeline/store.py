@@ -61,7 +61,25 @@ class ViewStore:
     return None
 
 
-class MemoryStore(ViewStore):
+class IndexedStore(ViewStore):
+  """A store whose index is built at construction: subclasses set `_ids` (sorted video ids), `_segments`
+  (one list of Segment per video) and `_bank` (or None)."""
+  _ids: List[str]
+  _segments: List[List[Segment]]
+  _bank: Optional[Dict[str, np.ndarray]] = None
+
+  @property
+  def video_ids(self):
+    return self._ids
+
+  def segments(self, index):
+    return self._segments[index]
+
+  def bank(self):
+    return self._bank
+
+
+class MemoryStore(IndexedStore):
   """Views held in memory: {video_id: [segment: {'weak': [(regions, teacher), ...], 'strong': [...]}]}."""
 
   def __init__(self, videos: Dict[str, list], bank: Optional[Dict[str, np.ndarray]] = None):
@@ -92,15 +110,5 @@ class MemoryStore(ViewStore):
     self.info = StoreInfo(frames=t, regions=r, dims=d, teacher_dims=c)
     self._bank = None if bank is None else {k: np.asarray(bank[k], np.float16) for k in BANK_KEYS}
 
-  @property
-  def video_ids(self):
-    return self._ids
-
-  def segments(self, index):
-    return self._segments[index]
-
   def load(self, key):
     return self._views[key]
-
-  def bank(self):
-    return self._bank
