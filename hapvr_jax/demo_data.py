@@ -29,19 +29,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import string
 
-import h5py
 import numpy as np
 
 from common_jax import io_util
+from hapvr_jax import synthetic
 
 OVERLAY_DIMS = 16
-_ALPHABET = np.array(list(string.ascii_letters + string.digits + '-_'))
-
-
-def _normalise(x):
-  return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 class World:
@@ -58,7 +52,7 @@ class World:
       where = np.sort(self.rng.choice(regions, overlay_regions, replace=False))
       vec = np.zeros((overlay_regions, dims))
       vec[:, :OVERLAY_DIMS] = self.rng.normal(size=(overlay_regions, OVERLAY_DIMS))
-      self.templates.append((where, _normalise(vec)))
+      self.templates.append((where, synthetic.normalise(vec)))
     self.teacher_proj = self.rng.normal(size=(dims, teacher_dims)) / np.sqrt(dims)
 
   def other_template(self, t: int) -> int:
@@ -69,7 +63,7 @@ class World:
     cuts = np.sort(self.rng.choice(np.arange(1, length), n_shots - 1, replace=False))
     shots = np.zeros((n_shots, self.regions, self.dims))
     shots[..., OVERLAY_DIMS:] = self.rng.normal(size=(n_shots, self.regions, self.dims - OVERLAY_DIMS))
-    return {'shots': _normalise(shots), 'shot_of': np.searchsorted(cuts, np.arange(length), side='right'),
+    return {'shots': synthetic.normalise(shots), 'shot_of': np.searchsorted(cuts, np.arange(length), side='right'),
             'template': int(self.rng.integers(len(self.templates))) if template is None else template}
 
   def render(self, video: dict, noise: float, template=None, frames=None) -> np.ndarray:
@@ -78,30 +72,23 @@ class World:
     x = video['shots'][video['shot_of'][frames]].copy()
     where, vec = self.templates[video['template'] if template is None else template]
     x[:, where] = vec[None]
-    return _normalise(x + noise / np.sqrt(self.dims) * self.rng.normal(size=x.shape))
+    return synthetic.normalise(x + noise / np.sqrt(self.dims) * self.rng.normal(size=x.shape))
 
   def teacher(self, regions: np.ndarray) -> np.ndarray:
-    return _normalise(regions.mean(axis=1) @ self.teacher_proj)
-
-
-def _ids(rng, n, prefix=''):
-  out = set()
-  while len(out) < n:
-    out.add(prefix + ''.join(rng.choice(_ALPHABET, 11)))
-  return sorted(out)
+    return synthetic.normalise(regions.mean(axis=1) @ self.teacher_proj)
 
 
 def write_training_shards(world: World, directory: str, videos: int, window: int) -> str:
   from input_pipeline import shards
   frames = 2 * window
-  ids = _ids(world.rng, videos, 'train_')
+  ids = synthetic.random_ids(world.rng, videos, 'train_')
   bank = {}
   for kind in ('black', 'noise'):
     if kind == 'black':   # one fixed "black frame" look, seen through per-entry noise
-      base = np.repeat(_normalise(world.rng.normal(size=(1, world.regions, world.dims))), 64, 0)
-      regions = _normalise(base + 0.5 / np.sqrt(world.dims) * world.rng.normal(size=base.shape))
+      base = np.repeat(synthetic.normalise(world.rng.normal(size=(1, world.regions, world.dims))), 64, 0)
+      regions = synthetic.normalise(base + 0.5 / np.sqrt(world.dims) * world.rng.normal(size=base.shape))
     else:
-      regions = _normalise(world.rng.normal(size=(64, world.regions, world.dims)))
+      regions = synthetic.normalise(world.rng.normal(size=(64, world.regions, world.dims)))
     bank[f'{kind}_regions'], bank[f'{kind}_teacher'] = regions, world.teacher(regions)
   with shards.ShardWriter(directory, name='demo', records_per_shard=256, bank=bank) as writer:
     for vid in ids:
@@ -121,7 +108,7 @@ def write_eval_corpus(world: World, directory: str, num_queries: int, num_databa
   per_query = 2 + 1 + 6
   if num_database < per_query * num_queries:
     raise ValueError(f'demo.num_database={num_database} < {per_query} planted videos x {num_queries} queries')
-  ids = _ids(rng, num_queries + num_database)
+  ids = synthetic.random_ids(rng, num_queries + num_database)
   queries, database = ids[:num_queries], list(rng.permutation(ids[num_queries:]))
   features, annotation, easy = {}, {}, []
   pool = iter(database)
@@ -150,17 +137,7 @@ def write_eval_corpus(world: World, directory: str, num_queries: int, num_databa
       features[next(pool)] = world.render(world.video(int(rng.integers(24, 48)), template=v['template']), 0.5)
   for d in pool:
     features[d] = world.render(world.video(int(rng.integers(24, 48))), 0.5)
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, 'features.hdf5')
-  with h5py.File(path + '.tmp', 'w') as f:
-    for vid in sorted(features):
-      f.create_dataset(vid, data=features[vid])
-  os.replace(path + '.tmp', path)
-  split = {'queries': list(queries), 'database': set(database)}
-  io_util.write_pickle(os.path.join(directory, 'fivr_audio.pickle'),
-                       {'5k': split, '200k': split, 'annotation': annotation})
-  with io_util.atomic_open(os.path.join(directory, 'fivr_easy_duplicates.txt')) as f:
-    f.write(''.join(f'{d}\n' for d in sorted(easy)))
+  path = synthetic.write_fivr_files(directory, features, queries, database, annotation, easy)
   return {'features': path, 'annotations': directory}
 
 

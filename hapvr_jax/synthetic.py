@@ -15,7 +15,6 @@ same ids under both '5k' and '200k'), `fivr_easy_duplicates.txt` and a DnS-forma
 from __future__ import annotations
 
 import os
-import pickle
 import string
 
 import h5py
@@ -26,15 +25,36 @@ from common_jax import io_util
 _ALPHABET = np.array(list(string.ascii_letters + string.digits + '-_'))
 
 
-def _ids(rng, n):
+def random_ids(rng, n, prefix=''):
+  """n distinct YouTube-like 11-character ids (sorted), with an optional prefix."""
   out = set()
   while len(out) < n:
-    out.add(''.join(rng.choice(_ALPHABET, 11)))
+    out.add(prefix + ''.join(rng.choice(_ALPHABET, 11)))
   return sorted(out)
 
 
-def _normalise(x):
-  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+def normalise(x):
+  """L2-normalised along the last axis, float32 (as the DnS region features)."""
+  return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def write_fivr_files(directory, features, queries, database, annotation, easy) -> str:
+  """The original FIVR formats: `fivr_audio.pickle` (the same split under '5k' and '200k'),
+  `fivr_easy_duplicates.txt` and a DnS-format `features.hdf5` ({id: [T, R, D]}), each written atomically.
+  Returns the feature file's path."""
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, 'features.hdf5')
+  tmp = path + '.tmp'
+  with h5py.File(tmp, 'w') as f:
+    for vid in sorted(features):
+      f.create_dataset(vid, data=features[vid])
+  os.replace(tmp, path)
+  split = {'queries': list(queries), 'database': set(database)}
+  io_util.write_pickle(os.path.join(directory, 'fivr_audio.pickle'),
+                       {'5k': split, '200k': split, 'annotation': annotation})
+  with io_util.atomic_open(os.path.join(directory, 'fivr_easy_duplicates.txt')) as f:
+    f.write(''.join(f'{d}\n' for d in sorted(easy)))
+  return path
 
 
 class _Maker:
@@ -65,7 +85,7 @@ def make_fivr_corpus(directory: str, num_queries: int = 10, num_database: int = 
   n_related = num_queries * sum(per_query.values())
   if num_database < n_related:
     raise ValueError(f'num_database={num_database} is smaller than the {n_related} planted relatives')
-  ids = _ids(rng, num_queries + num_database)
+  ids = random_ids(rng, num_queries + num_database)
   queries, database = ids[:num_queries], ids[num_queries:]
   order = rng.permutation(len(database))
   features, annotation, easy = {}, {}, []
@@ -107,16 +127,6 @@ def make_fivr_corpus(directory: str, num_queries: int = 10, num_database: int = 
     if d not in features:
       shots, lengths = m.video()
       features[d] = m.render(shots, lengths)
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, 'features.hdf5')
-  tmp = path + '.tmp'
-  with h5py.File(tmp, 'w') as f:
-    for vid in sorted(features):
-      f.create_dataset(vid, data=_normalise(features[vid]))
-  os.replace(tmp, path)
-  split = {'queries': list(queries), 'database': set(database)}
-  io_util.write_pickle(os.path.join(directory, 'fivr_audio.pickle'),
-                       {'5k': split, '200k': split, 'annotation': annotation})
-  with io_util.atomic_open(os.path.join(directory, 'fivr_easy_duplicates.txt')) as f:
-    f.write(''.join(f'{d}\n' for d in sorted(easy)))
+  path = write_fivr_files(directory, {vid: normalise(x) for vid, x in features.items()}, queries, database,
+                          annotation, easy)
   return {'features': path, 'annotations': directory, 'queries': queries, 'database': database}
