@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from common_jax import cli
@@ -62,15 +62,7 @@ def evaluate(config, workdir: str) -> dict:
       raise cli.UsageError(f'config.{key} is empty')
   bench = benchmarks.load_benchmark(config.dataset, config.annotations)
   model_config, params = load_model(config)
-  ff = features_lib.FeatureFile(config.features, dims=model_config.dims, min_len=model_config.min_len)
-  present = ff.ids()
-  queries = [q for q in bench.queries if q in present]
-  database = [d for d in bench.database if d in present]
-  logging.info('%s: %d/%d queries and %d/%d database videos found in %s', bench.name, len(queries),
-               len(bench.queries), len(database), len(bench.database), config.features)
-  if not queries or not database:
-    raise features_lib.FeatureError(f'{config.features}: holds {len(queries)} of the {len(bench.queries)} '
-                                    f'{bench.name} queries and {len(database)} database videos; nothing to score')
+  ff, queries, database = features_lib.open_split(bench, config.features, model_config)
 
   cli.enable_compilation_cache(config.compilation_cache)
   mesh = mesh_lib.make_mesh(config.mesh)

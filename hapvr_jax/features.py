@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import h5py
 import numpy as np
+from absl import logging
 
 
 class FeatureError(ValueError):
@@ -111,3 +112,18 @@ class FeatureFile:
       raise FeatureError(f'{self.path}: video {video_id!r} has {bad} NaN/Inf values')
     x = tile_min_len(np.asarray(x, np.float32), self.min_len)
     return x[:, None, :] if x.ndim == 2 else x
+
+
+def open_split(bench, features: str, model_config):
+  """(feature file, queries, database): the benchmark's videos present in the feature file, in benchmark
+  order; an error if no query or no database video is there."""
+  ff = FeatureFile(features, dims=model_config.dims, min_len=model_config.min_len)
+  present = ff.ids()
+  queries = [q for q in bench.queries if q in present]
+  database = [d for d in bench.database if d in present]
+  logging.info('%s: %d/%d queries and %d/%d database videos found in %s', bench.name, len(queries),
+               len(bench.queries), len(database), len(bench.database), features)
+  if not queries or not database:
+    raise FeatureError(f'{features}: holds {len(queries)} of the {len(bench.queries)} '
+                       f'{bench.name} queries and {len(database)} database videos; nothing to score')
+  return ff, queries, database

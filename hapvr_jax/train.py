@@ -43,14 +43,8 @@ class Evaluator:
   def __init__(self, eval_config, model_config, mesh):
     from hapvr_jax import benchmarks, engine as engine_lib, features as features_lib
     self.bench = benchmarks.load_benchmark(eval_config.dataset, eval_config.annotations)
-    self.features = features_lib.FeatureFile(eval_config.features, dims=model_config.dims,
-                                             min_len=model_config.min_len)
-    present = self.features.ids()
-    self.queries = [q for q in self.bench.queries if q in present]
-    self.database = [d for d in self.bench.database if d in present]
-    if not self.queries or not self.database:
-      raise features_lib.FeatureError(f'{eval_config.features}: no {self.bench.name} queries or database '
-                                      'videos in this file; nothing to evaluate')
+    self.features, self.queries, self.database = features_lib.open_split(
+        self.bench, eval_config.features, model_config)
     make = lambda **kw: engine_lib.Engine(model_config, None, mesh, engine_lib.EngineConfig(
         **{**eval_config.engine.to_dict(), **kw}))
     self.engine, self.baseline_engine = make(), make(features_only=True)
