@@ -27,8 +27,6 @@ chunk at a time, so full-depth metrics over 45,600 x 45,600 need only ``chunk x 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -180,10 +178,9 @@ def evaluate(q_codes, q_labels, db_codes, db_labels, ks: Sequence[int] = KS, wit
 
 def plot_pr(curves: Dict[str, Dict], path: str, title: str = 'Precision-recall') -> None:
   """Writes a PNG of one or more PR curves (``{name: result['pr']}``); atomic (tmp file, then rename)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 4))
+  from common_jax import plots
+  fig = plots.figure((5, 4))
+  ax = fig.add_subplot()
   for name, c in curves.items():
     ax.plot(c['recall'], c['precision'], marker='.', label=name)
   ax.set_xlabel('recall')
@@ -194,14 +191,4 @@ def plot_pr(curves: Dict[str, Dict], path: str, title: str = 'Precision-recall')
   ax.grid(alpha=0.3)
   if curves:
     ax.legend()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.png', dir=directory)
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight')
-    os.replace(tmp, path)
-  finally:
-    plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  plots.save_png(fig, path, dpi=120, bbox_inches='tight')

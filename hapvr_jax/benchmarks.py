@@ -12,7 +12,6 @@ Tie order (decision 15): a stable sort by descending score, ties in ``db_ids`` o
 break ties by (query, database) order, queries in sorted order. Videos that were not loaded leave the
 candidates and the ground truth as the original's ``all_db`` logic does. Numpy only at import.
 """
-import os
 import pickle
 from pathlib import Path
 
@@ -179,11 +178,9 @@ def pr_curve(y_true, y_score, gt_len=None):
 
 
 def plot_pr_curves(curves, path, title=None):
-  """Writes a PNG with one line per ``label: (precision, recall)``: Agg canvas, path.tmp renamed to path."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(5, 5))
-  FigureCanvasAgg(fig)
+  """Writes a PNG (atomically) with one line per ``label: (precision, recall)``."""
+  from common_jax import plots
+  fig = plots.figure((5, 5))
   ax = fig.add_subplot()
   for label, (precision, recall) in curves.items():  # at most 20k points per line
     keep = np.unique(np.linspace(0, len(recall) - 1, min(len(recall), 20000)).astype(np.int64))
@@ -192,8 +189,7 @@ def plot_pr_curves(curves, path, title=None):
   ax.grid(alpha=0.3)
   if curves:
     ax.legend(loc='lower left')
-  fig.savefig(f'{path}.tmp', format='png', dpi=120)
-  os.replace(f'{path}.tmp', path)
+  plots.save_png(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------------------------------------- benchmarks

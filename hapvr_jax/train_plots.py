@@ -10,23 +10,18 @@ Files are drawn on an Agg canvas (no display needed) and written to a temporary 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from common_jax import plots
+
 
 def _figure(size):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=size, layout='constrained')
-  FigureCanvasAgg(fig)
-  return fig
+  return plots.figure(size, layout='constrained')
 
 
 def _save(fig, path):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(f'{path}.tmp', format='png', dpi=110)
-  os.replace(f'{path}.tmp', path)
+  plots.save_png(fig, path, dpi=110)
 
 
 def plot_map_curve(metrics_jsonl: str, path: str) -> None:
