@@ -9,6 +9,12 @@ import pickle
 import tempfile
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = 'w'):
   """Open a temporary file beside `path`; on success it replaces `path`, on error it is removed."""
@@ -20,6 +26,7 @@ def atomic_open(path: str, mode: str = 'w'):
       yield f
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the file what open() would
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
