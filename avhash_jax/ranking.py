@@ -10,14 +10,14 @@ computed in the original as ``d(q, x) = (L - q.x) / 2`` and sorted with an unsta
 * **Tie order (decision 6, §5.4):** database items at equal distance keep their database order, i.e. the ranking
   is the stable sort on ``(distance, database index)``. Distances take only ``L + 1`` values, so ties are massive
   and the order matters; this one is reproducible on any device.
-* Memory is bounded by ``chunk`` queries at a time. With ``top_k`` the database is also scanned ``db_chunk`` items
-  at a time and only the best ``top_k`` per query are kept (merged on the unique key ``distance * N_db + index``,
-  which reproduces the stable order exactly), so FCVID's 45,600 x 45,600 all-vs-all never materialises the full
-  distance matrix. ``top_k=None`` returns the whole ranking ``[N_q, N_db]``; for mAP@all over large sets use
+* Full rankings: ``chunk`` queries at a time. With ``top_k``, one query at a time: its k-th smallest distance t
+  is found by bisection on counts (distances take L + 1 values), then every item closer than t and the first
+  items at t in database order are kept — exactly the stable order, with nothing of database size sorted —
+  so FCVID's 45,600 x 45,600 all-vs-all never materialises more than one row of the distance matrix. ``top_k=None`` returns the whole ranking ``[N_q, N_db]``; for mAP@all over large sets use
   ``metrics.evaluate``, which consumes the full rankings one query chunk at a time instead.
 
 ``hamming_inner`` is the original's inner-product formula (it accepts 0 entries, giving half-integer distances)
-and serves as a reference. NumPy only.
+and serves as a reference. NumPy only (bench/avhash.py times the top-k against NumPy baselines).
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def _check_packed(packed, what: str) -> np.ndarray:
   return packed
 
 
-def _hamming_words(qw: np.ndarray, dw: np.ndarray) -> np.ndarray:
-  out = np.zeros((qw.shape[0], dw.shape[0]), np.int32)
-  for w in range(qw.shape[1]):
+def _hamming_words(qw: np.ndarray, dw: np.ndarray, dtype=np.int32) -> np.ndarray:
+  out = np.bitwise_count(qw[:, 0, None] ^ dw[None, :, 0]).astype(dtype, copy=False)
+  for w in range(1, qw.shape[1]):
     out += np.bitwise_count(qw[:, w, None] ^ dw[None, :, w])
   return out
 
@@ -104,65 +104,100 @@ def _full_order(dist: np.ndarray) -> np.ndarray:
   return np.argsort(small, axis=1, kind='stable')
 
 
-def _topk_rows(qw: np.ndarray, dw: np.ndarray, k: int, db_chunk: int):
-  """Stable top-k (indices, distances) of each query row, scanning the database in chunks."""
-  n_db = dw.shape[0]
-  best = None
-  for start in range(0, n_db, db_chunk):
-    d = _hamming_words(qw, dw[start:start + db_chunk]).astype(np.int64)
-    key = d * n_db + np.arange(start, start + d.shape[1], dtype=np.int64)  # unique: (distance, index) order
-    best = key if best is None else np.concatenate([best, key], axis=1)
-    if best.shape[1] > k:
-      part = np.argpartition(best, k - 1, axis=1)[:, :k]
-      best = np.take_along_axis(best, part, axis=1)
-  best = np.sort(best, axis=1)
-  return best % n_db, (best // n_db).astype(np.int32)
+class _RowScanner:
+  """Top-k of one query row at a time over the whole database, by counting instead of sorting.
+
+  The row's distances (XOR + popcount into reused buffers: one pass over the packed database, no temporaries
+  of database size) take L + 1 values, so its k-th smallest distance t is found by bisection on counts
+  (~log2(L + 1) passes over a uint8 row); the top-k are every item closer than t plus the first (k - #closer)
+  items at t, both gathered in database order, then stably sorted by distance: exactly the stable order on
+  (distance, index). Nothing of database size is sorted.
+  """
+
+  def __init__(self, dw: np.ndarray, nbits: int):
+    self.dw = np.ascontiguousarray(dw.T)                   # [W, N]: one contiguous word row per pass
+    self.nbits = nbits
+    dtype = np.uint8 if nbits < 256 else np.uint16
+    self.xor = np.empty(dw.shape[0], np.uint64)
+    self.count = np.empty(dw.shape[0], np.uint8)
+    self.dist = np.empty(dw.shape[0], dtype)
+
+  def distances(self, qw_row: np.ndarray) -> np.ndarray:
+    for w in range(self.dw.shape[0]):
+      np.bitwise_xor(self.dw[w], qw_row[w], out=self.xor)
+      if w == 0:
+        np.bitwise_count(self.xor, out=self.count)
+        self.dist[...] = self.count
+      else:
+        np.add(self.dist, np.bitwise_count(self.xor, out=self.count), out=self.dist)
+    return self.dist
+
+  def topk(self, qw_row: np.ndarray, k: int):
+    d = self.distances(qw_row)
+    lo, hi = 0, self.nbits
+    while lo < hi:                                         # smallest t with #(d <= t) >= k
+      mid = (lo + hi) // 2
+      if np.count_nonzero(d <= mid) >= k:
+        hi = mid
+      else:
+        lo = mid + 1
+    below = np.flatnonzero(d < lo)
+    at = np.flatnonzero(d == lo)[:k - below.size]
+    idx = np.concatenate([below, at])
+    dist = d[idx].astype(np.int32)
+    order = np.argsort(dist, kind='stable')                # idx is ascending: ties stay in database order
+    return idx[order], dist[order]
+
+
+def _topk(q_packed: np.ndarray, db_packed: np.ndarray, k: int):
+  scanner = _RowScanner(_words(db_packed), 8 * q_packed.shape[1])
+  qw = _words(q_packed)
+  order = np.empty((q_packed.shape[0], k), np.int64)
+  dists = np.empty((q_packed.shape[0], k), np.int32)
+  for r in range(qw.shape[0]):
+    order[r], dists[r] = scanner.topk(qw[r], k)
+  return order, dists
 
 
 def rank_packed(q_packed, db_packed, top_k: Optional[int] = None, chunk: int = 1024,
-                db_chunk: int = 16384, return_distances: bool = False):
+                return_distances: bool = False):
   """``rank`` on already packed codes (see there)."""
   q_packed = _check_packed(q_packed, 'query')
   db_packed = _check_packed(db_packed, 'database')
   if q_packed.shape[1] != db_packed.shape[1]:
     raise CodeError(f'query codes have {q_packed.shape[1]} bytes per code, database codes '
                     f'{db_packed.shape[1]}; the code lengths differ')
-  if chunk < 1 or db_chunk < 1:
-    raise ValueError(f'chunk ({chunk}) and db_chunk ({db_chunk}) must be >= 1')
+  if chunk < 1:
+    raise ValueError(f'chunk ({chunk}) must be >= 1')
   if top_k is not None and top_k < 1:
     raise ValueError(f'top_k must be >= 1 or None, got {top_k}')
   n_q, n_db = q_packed.shape[0], db_packed.shape[0]
   if n_db == 0:
     raise CodeError('the database is empty')
-  k = n_db if top_k is None else min(top_k, n_db)
+  if top_k is not None:
+    idx, d = _topk(q_packed, db_packed, min(top_k, n_db))
+    return (idx, d) if return_distances else idx
   qw, dw = _words(q_packed), _words(db_packed)
-  order = np.empty((n_q, k), np.int64)
-  dists = np.empty((n_q, k), np.int32) if return_distances else None
+  order = np.empty((n_q, n_db), np.int64)
+  dists = np.empty((n_q, n_db), np.int32) if return_distances else None
   for s in range(0, n_q, chunk):
-    q = qw[s:s + chunk]
-    if top_k is None:
-      d = _hamming_words(q, dw)
-      order[s:s + chunk] = _full_order(d)
-      if return_distances:
-        dists[s:s + chunk] = np.take_along_axis(d, order[s:s + chunk], axis=1)
-    else:
-      idx, d = _topk_rows(q, dw, k, db_chunk)
-      order[s:s + chunk] = idx
-      if return_distances:
-        dists[s:s + chunk] = d
+    d = _hamming_words(qw[s:s + chunk], dw)
+    order[s:s + chunk] = _full_order(d)
+    if return_distances:
+      dists[s:s + chunk] = np.take_along_axis(d, order[s:s + chunk], axis=1)
   return (order, dists) if return_distances else order
 
 
-def rank(q_codes, db_codes, top_k: Optional[int] = None, chunk: int = 1024, db_chunk: int = 16384,
-         return_distances: bool = False):
+def rank(q_codes, db_codes, top_k: Optional[int] = None, chunk: int = 1024, return_distances: bool = False):
   """Database indices int64 ``[N_q, K]`` ranked by ascending Hamming distance, ties in database order.
 
-  ``K = min(top_k, N_db)``, or ``N_db`` when ``top_k`` is None. Queries are processed ``chunk`` at a time; with
-  ``top_k`` the database is scanned ``db_chunk`` items at a time (peak memory ~ chunk x (top_k + db_chunk)).
-  With ``return_distances`` also returns the int32 distances of the ranked items.
+  ``K = min(top_k, N_db)``, or ``N_db`` when ``top_k`` is None. Without ``top_k``: ``chunk`` queries at a time,
+  XOR + popcount and a radix (stable) sort of each row. With ``top_k``: one query at a time, selection by
+  counting (`_RowScanner`; memory ~10 bytes per database item, no sort of the database). With
+  ``return_distances`` also returns the int32 distances of the ranked items.
   """
   q_codes = _check_codes(q_codes, 'query')
   db_codes = _check_codes(db_codes, 'database')
   if q_codes.shape[1] != db_codes.shape[1]:
     raise CodeError(f'query codes have L={q_codes.shape[1]} bits, database codes L={db_codes.shape[1]}')
-  return rank_packed(pack(q_codes), pack(db_codes), top_k, chunk, db_chunk, return_distances)
+  return rank_packed(pack(q_codes), pack(db_codes), top_k, chunk, return_distances)
