@@ -3,6 +3,9 @@ r"""Evaluate an AVHash checkpoint: sign codes for queries and database, Hamming 
   python -m avhash_jax.evaluate --config=configs/fcvid.py --workdir=OUT --config.checkpoint=DIR \
       --config.image_h5=IMG.h5 --config.audio_h5=AUD.h5 --config.test_list=T --config.retrieval_list=R
 
+Features come from the two HDF5 files, or from ArrayRecord shards of both (`--config.shards=DIR`, written by
+`python -m input_pipeline.make_av_shards`).
+
 Queries = test list, database = retrieval list (the original's test.py); with `config.all_vs_all` the
 retrieval list is both (FCVID's SSVH protocol; each query is then its own first hit and counts, as there).
 
@@ -26,7 +29,7 @@ import functools
 import os
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from absl import flags, logging
@@ -140,7 +143,8 @@ def _write_codes(path: str, sets) -> None:
 def _check_config(config) -> str:
   if config.dataset not in LIST_FORMAT:
     raise cli.UsageError(f'config.dataset={config.dataset!r}; expected one of {sorted(LIST_FORMAT)}')
-  needed = ['image_h5', 'audio_h5', 'retrieval_list'] + ([] if config.all_vs_all else ['test_list'])
+  needed = (['retrieval_list'] + ([] if config.get('shards') else ['image_h5', 'audio_h5'])
+            + ([] if config.all_vs_all else ['test_list']))
   for key in needed:
     if not config[key]:
       raise cli.UsageError(f'config.{key} is empty')
@@ -170,8 +174,9 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
       raise data_lists.ListError(f'{path}: label {int(labels.max()) + 1 - (fmt == "activitynet")} exceeds '
                                  f'config.num_classes={config.num_classes}')
   model_config, params = load_model(config)
-  features = data_lists.AVFeatures(config.image_h5, config.audio_h5, frames=model_config.tokens,
-                                   dim=model_config.hidden_size)
+  from input_pipeline import av_shards
+  features = av_shards.open_features(config.image_h5, config.audio_h5, config.get('shards', ''),
+                                     frames=model_config.tokens, dim=model_config.hidden_size)
   try:
     features.check_ids(q_ids, q_list)
     if not config.all_vs_all:
