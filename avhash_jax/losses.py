@@ -68,8 +68,12 @@ def _check(query, positive, negatives, where: str):
 
 
 def info_nce(query: jax.Array, positive: jax.Array, negatives: jax.Array,
-             temperature: float = TEMPERATURE, where: str = 'info_nce') -> jax.Array:
-  """Paired-negative InfoNCE, mean over anchors: query/positive ``[N, D]``, negatives ``[N, M, D]`` → scalar."""
+             temperature: float = TEMPERATURE, where: str = 'info_nce', weights=None) -> jax.Array:
+  """Paired-negative InfoNCE, mean over anchors: query/positive ``[N, D]``, negatives ``[N, M, D]`` → scalar.
+
+  With ``weights [N]`` (1 for a real tuple, 0 for padding) the mean is over the weighted anchors only: the
+  loss of a padded batch equals the loss of its real tuples alone.
+  """
   query, positive, negatives = (jnp.asarray(a, jnp.float32) for a in (query, positive, negatives))
   _check(query, positive, negatives, where)
   if not temperature > 0:
@@ -78,7 +82,13 @@ def info_nce(query: jax.Array, positive: jax.Array, negatives: jax.Array,
   pos = jnp.sum(q * k, axis=-1, keepdims=True)                                   # [N, 1]
   neg = jnp.einsum('nd,nmd->nm', q, m, precision=jax.lax.Precision.HIGHEST)      # [N, M]
   logits = jnp.concatenate([pos, neg], axis=-1) / temperature
-  return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
+  per_anchor = -jax.nn.log_softmax(logits, axis=-1)[:, 0]
+  if weights is None:
+    return jnp.mean(per_anchor)
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape != per_anchor.shape:
+    raise LossInputError(f'{where}: weights must be [N={per_anchor.shape[0]}]; got shape {tuple(weights.shape)}')
+  return jnp.sum(weights * per_anchor) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
 def split_negatives(x: jax.Array, n_neg: int, where: str = 'negatives') -> jax.Array:
@@ -97,7 +107,7 @@ def _unpack(outputs: Sequence[jax.Array], name: str):
 
 def avhash_loss(anchor: Sequence[jax.Array], positive: Sequence[jax.Array], negatives: Sequence[jax.Array],
                 temperature: float = TEMPERATURE,
-                feature_weight: float = FEATURE_WEIGHT) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                feature_weight: float = FEATURE_WEIGHT, weights=None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """The original's total loss and its five terms.
 
   Args:
@@ -105,6 +115,7 @@ def avhash_loss(anchor: Sequence[jax.Array], positive: Sequence[jax.Array], nega
     negatives: ``(p_A [N, M, H], p_I [N, M, H], h [N, M, L])``; a flat ``[N·M, ·]`` output may be passed,
       it is split tuple-major with ``M = rows / N``.
     temperature: τ (0.1 in the original). feature_weight: weight of the four pooled terms (50).
+    weights: optional ``[N]`` tuple weights (0 = padding), see `info_nce`.
 
   Returns:
     ``(total, terms)``: ``total = L_V + feature_weight·(L_AA + L_II + L_AI + L_IA)``, ``terms`` maps
@@ -126,11 +137,11 @@ def avhash_loss(anchor: Sequence[jax.Array], positive: Sequence[jax.Array], nega
     negs.append(x)
   n_A, n_I, n_h = negs
   terms = {
-      'L_V': info_nce(a_h, p_h, n_h, temperature, 'L_V (h)'),
-      'L_AA': info_nce(a_A, p_A, n_A, temperature, 'L_AA (audio anchor, audio keys)'),
-      'L_II': info_nce(a_I, p_I, n_I, temperature, 'L_II (image anchor, image keys)'),
-      'L_AI': info_nce(a_A, p_I, n_I, temperature, 'L_AI (audio anchor, image keys)'),
-      'L_IA': info_nce(a_I, p_A, n_A, temperature, 'L_IA (image anchor, audio keys)'),
+      'L_V': info_nce(a_h, p_h, n_h, temperature, 'L_V (h)', weights),
+      'L_AA': info_nce(a_A, p_A, n_A, temperature, 'L_AA (audio anchor, audio keys)', weights),
+      'L_II': info_nce(a_I, p_I, n_I, temperature, 'L_II (image anchor, image keys)', weights),
+      'L_AI': info_nce(a_A, p_I, n_I, temperature, 'L_AI (audio anchor, image keys)', weights),
+      'L_IA': info_nce(a_I, p_A, n_A, temperature, 'L_IA (image anchor, audio keys)', weights),
   }
   total = terms['L_V'] + feature_weight * (terms['L_AA'] + terms['L_II'] + terms['L_AI'] + terms['L_IA'])
   return total, terms
