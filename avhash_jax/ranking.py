@@ -13,7 +13,8 @@ computed in the original as ``d(q, x) = (L - q.x) / 2`` and sorted with an unsta
 * Full rankings: ``chunk`` queries at a time. With ``top_k``, one query at a time: its k-th smallest distance t
   is found by bisection on counts (distances take L + 1 values), then every item closer than t and the first
   items at t in database order are kept — exactly the stable order, with nothing of database size sorted —
-  so FCVID's 45,600 x 45,600 all-vs-all never materialises more than one row of the distance matrix. ``top_k=None`` returns the whole ranking ``[N_q, N_db]``; for mAP@all over large sets use
+  so FCVID's 45,600 x 45,600 all-vs-all never materialises more than one row of the distance matrix.
+  ``top_k=None`` returns the whole ranking ``[N_q, N_db]``; for mAP@all over large sets use
   ``metrics.evaluate``, which consumes the full rankings one query chunk at a time instead.
 
 ``hamming_inner`` is the original's inner-product formula (it accepts 0 entries, giving half-integer distances)

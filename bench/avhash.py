@@ -31,11 +31,13 @@ against a NumPy baseline, both measured in the same run.
 
 Measured on the 2-core Xeon development CPU (no GPU lent; JAX 0.10.2, torch 2.13 CPU), machine otherwise idle:
 `python bench/avhash.py --batch_size=4 --steps=3 --warmup=1 --queries=200` (full-size model, 97.5 GFLOP/step):
-  train: JAX 1328 ms/step (0.75 steps/s, 3.0 tuples/s), PyTorch (2 threads) 927 ms (1.08 steps/s): ratio
-    0.70x. JAX runs 75 GFLOP/s (XLA cost_analysis 99.6 GFLOP/step) = 0.53 of the 142 GFLOP/s float32 matmul
-    timed in the run; PyTorch's MKL/oneDNN kernels reach ~105 GFLOP/s on the same step. Not the dropout PRNG
-    (threefry and rbg time the same). Compile 22 s. Eval-mode losses 352.86594 vs 352.86588 (1.7e-7).
-    With --torch_threads=1 (JAX still on 2 cores): JAX 1437 ms, PyTorch 1840 ms, 1.28x.
+  train (one forward over the tuples' 6B videos): JAX 1007 ms/step (0.99 steps/s, 4.0 tuples/s), PyTorch
+    (2 threads, the original's three passes) 632 ms (1.58 steps/s): ratio 0.63x. JAX runs 99 GFLOP/s (XLA
+    cost_analysis 99.4 GFLOP/step) = 0.66 of the 150 GFLOP/s float32 XLA matmul timed in the run; PyTorch's
+    MKL kernels reach ~157 GFLOP/s on the same step, above XLA:CPU's own matmul rate, so on this CPU the gap
+    is the matmul library. Not the dropout PRNG (threefry and rbg time the same). Compile 9.5 s. Eval-mode
+    losses 352.86594 vs 352.86588 (1.7e-7). (Before the single-forward step: JAX 1328 ms vs 927 ms, 0.70x,
+    compile 22 s.)
   ranking, 200 queries x 1M x 64 bits, top-100: ours 194-240 queries/s; NumPy argpartition 70-80 q/s (ours
     2.8-3.0x); NumPy full stable argsort 10.5-10.7 q/s (ours 18-23x); top-100 identical for every query.
     Ours scans 1.6-1.9 GB/s of packed codes = 0.12-0.16 of the np.copyto bandwidth (12-14 GB/s): it is
