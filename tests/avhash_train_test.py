@@ -8,7 +8,6 @@ import threading
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -301,17 +300,16 @@ def test_cli_errors_are_one_line(small_data, tmp_path, case, expected):
 
 # ------------------------------------------------------------------------------------------------ demo
 def test_demo_learns(tmp_path):
-  """The embedded demo shortened to 3 of its 12 epochs: validation mAP@all must rise >= 0.10 above the
-  untrained network's (the full demo: 0.13 -> 0.75)."""
+  """The embedded demo shortened to 2 of its 12 epochs: validation mAP@all must rise >= 0.10 above the
+  untrained network's (measured 0.13 -> 0.28 at epoch 2; the full demo: 0.13 -> 0.75)."""
   c = fcvid.get_config('demo')
-  c.epochs = 3
+  c.epochs = 2
   c.compilation_cache = ''
   c.progress = False
   result = train.train_and_evaluate(c, str(tmp_path))
   with open(tmp_path / 'metrics.jsonl') as f:
     evals = {r['step']: r['mAP'] for r in map(json.loads, f)}
-  assert sorted(evals) == [0, 12, 24, 36]
+  assert sorted(evals) == [0, 12, 24]
   assert max(evals.values()) >= evals[0] + 0.10, evals
   assert result['test']['mAP@all'] >= evals[0] + 0.10
   assert (tmp_path / 'test' / 'pr_curve.png').stat().st_size > 1000
-  assert isinstance(c, ml_collections.ConfigDict)
