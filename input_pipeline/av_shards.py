@@ -27,9 +27,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +35,7 @@ from array_record.python import array_record_module
 import numpy as np
 
 from avhash_jax import data_lists
+from input_pipeline import record_dir
 
 MAGIC = b'AVHASHv1'
 FORMAT, VERSION, INDEX = 'avhash-av-shards', 1, 'index.json'
@@ -95,12 +94,6 @@ def decode_av_record(data: bytes, where: str = 'record') -> Tuple[str, np.ndarra
   return vid, image, audio
 
 
-def _check_output(directory: str) -> None:
-  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-    raise AVShardError(f'{directory}: output exists and is not an empty directory; refusing to overwrite it '
-                       f'(remove it or choose another --output)')
-
-
 # ----------------------------------------------------------------------------------------------- writer
 
 class AVShardWriter:
@@ -119,18 +112,13 @@ class AVShardWriter:
                dtype: str = 'float32', frames: Optional[int] = None, dim: Optional[int] = None):
     if not re.fullmatch(r'[A-Za-z0-9_.-]+', name or ''):
       raise AVShardError(f'shard name {name!r}: use letters, digits, "_", "-" and "." only')
-    if records_per_shard < 1:
-      raise AVShardError(f'records_per_shard={records_per_shard}: must be >= 1')
     if dtype not in DTYPES:
       raise AVShardError(f'dtype {dtype!r}: expected one of {sorted(DTYPES)}')
-    self.directory = os.path.abspath(directory)
-    self.name, self.records_per_shard, self.dtype = name, int(records_per_shard), dtype
+    self.name, self.dtype = name, dtype
     self._shape = None if frames is None or dim is None else (int(frames), int(dim))
-    _check_output(self.directory)
-    parent = os.path.dirname(self.directory)
-    os.makedirs(parent, exist_ok=True)
-    self._tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.directory)}.', suffix='.tmp', dir=parent)
-    self._writer, self._counts, self._ids, self._seen = None, [], [], set()
+    self._out = record_dir.RecordDir(directory, records_per_shard, WRITE_OPTIONS, error=AVShardError)
+    self.directory = self._out.directory
+    self._ids, self._seen = [], set()
     self.summary = None
 
   def __enter__(self):
@@ -163,7 +151,7 @@ class AVShardWriter:
 
   def add(self, video_id: str, image, audio) -> int:
     """Validates and writes one video; returns its global record index."""
-    if self._tmp is None:
+    if not self._out.open:
       raise AVShardError('AVShardWriter: already closed')
     if not isinstance(video_id, str) or not video_id:
       raise AVShardError(f'video id {video_id!r}: must be a non-empty string')
@@ -173,59 +161,32 @@ class AVShardWriter:
     if self._shape is None:
       self._shape = image.shape
     audio = self._prepare(video_id, 'audio', audio)
-    if self._writer is None:
-      path = os.path.join(self._tmp, f'shard-{len(self._counts):05d}.tmp')
-      self._writer = array_record_module.ArrayRecordWriter(path, WRITE_OPTIONS)
-      self._counts.append(0)
-    self._writer.write(encode_av_record(video_id, image, audio, self.dtype))
-    self._counts[-1] += 1
-    if self._counts[-1] == self.records_per_shard:
-      self._writer.close()
-      self._writer = None
+    index = self._out.write(encode_av_record(video_id, image, audio, self.dtype))
     self._seen.add(video_id)
     self._ids.append(video_id)
-    return len(self._ids) - 1
+    return index
 
   def abort(self) -> None:
     """Discards everything written so far."""
-    if self._writer is not None:
-      with contextlib.suppress(Exception):
-        self._writer.close()
-      self._writer = None
-    if self._tmp is not None:
-      shutil.rmtree(self._tmp, ignore_errors=True)
-      self._tmp = None
+    self._out.abort()
 
   def close(self) -> dict:
     """Names the shard files, writes index.json and renames the folder into place; returns the summary."""
-    if self._tmp is None:
+    if not self._out.open:
       return self.summary
-    try:
-      if self._writer is not None:
-        self._writer.close()
-        self._writer = None
-      if not self._ids:
-        raise AVShardError(f'{self.directory}: no videos were added; nothing written')
-      files = []
-      for i, count in enumerate(self._counts):
-        files.append({'file': av_shard_filename(self.name, i, len(self._counts)), 'records': count})
-        os.rename(os.path.join(self._tmp, f'shard-{i:05d}.tmp'), os.path.join(self._tmp, files[-1]['file']))
+    if not self._ids:
+      self.abort()
+      raise AVShardError(f'{self.directory}: no videos were added; nothing written')
+
+    def write_index(folder, files):
       head = {'format': FORMAT, 'version': VERSION, 'name': self.name, 'frames': self._shape[0],
               'dim': self._shape[1], 'dtype': self.dtype, 'records': len(self._ids), 'shards': files}
-      with open(os.path.join(self._tmp, INDEX), 'w') as f:  # one id per line: readable and diffable
+      with open(os.path.join(folder, INDEX), 'w') as f:  # one id per line: readable and diffable
         f.write(json.dumps(head, indent=1)[:-2] + ',\n "ids": [\n')
         f.write(',\n'.join(json.dumps(v) for v in self._ids) + '\n ]\n}\n')
-      _check_output(self.directory)
-      os.chmod(self._tmp, 0o755)  # mkdtemp made it private
-      if os.path.isdir(self.directory):
-        os.rmdir(self.directory)
-      os.rename(self._tmp, self.directory)
-      self._tmp = None
-    except BaseException:
-      self.abort()
-      raise
-    nbytes = sum(os.path.getsize(os.path.join(self.directory, f)) for f in os.listdir(self.directory))
-    self.summary = {'directory': self.directory, 'videos': len(self._ids), 'shards': len(files), 'bytes': nbytes}
+    files = self._out.commit(lambda i, n: av_shard_filename(self.name, i, n), write_index)
+    self.summary = {'directory': self.directory, 'videos': len(self._ids), 'shards': len(files),
+                    'bytes': self._out.nbytes()}
     return self.summary
 
 

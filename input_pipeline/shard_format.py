@@ -118,9 +118,8 @@ def check_view(where: str, regions, teacher, expected=None):
 
 
 def check_output(directory: str) -> None:
-  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-    raise ShardError(f'{directory}: output exists and is not an empty directory; refusing to overwrite it '
-                     f'(remove it or choose another --output)')
+  from input_pipeline import record_dir  # pylint: disable=g-import-not-at-top
+  record_dir.check_output(directory, ShardError)
 
 
 def check_meta(where: str, meta) -> dict:

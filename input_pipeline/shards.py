@@ -9,12 +9,9 @@ re-exported here. So are, imported on first use so that reading shards does not 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
-import shutil
-import tempfile
 from typing import Dict, List, Optional
 
 from array_record.python import array_record_module
@@ -24,6 +21,7 @@ from input_pipeline.shard_format import (  # pylint: disable=unused-import  (re-
     BANK, DEFAULT_OPTIONS, FORMAT, INDEX, MAGIC, TFDS_FEATURES, TFDS_INFO, TFDS_VERSION, VERSION, ShardError,
     check_bank, check_meta, check_output, check_shapes, check_video, check_view, decode_record, encode_record,
     load_bank, read_index, save_bank, shard_filename, tfds_metadata, view_where, write_metadata)
+from input_pipeline import record_dir
 from input_pipeline.store import STRONG, WEAK, IndexedStore, Segment, StoreInfo, ViewStore
 
 _HDF5_NAMES = ('HDF5Store', 'write_hdf5_views', 'convert', 'convert_store')
@@ -53,17 +51,11 @@ class ShardWriter:
                bank: Optional[Dict[str, np.ndarray]] = None, options: str = DEFAULT_OPTIONS):
     if not re.fullmatch(r'[A-Za-z0-9_.]+', name or ''):
       raise ShardError(f'shard name {name!r}: use letters, digits, "_" and "." only')
-    if records_per_shard < 1:
-      raise ShardError(f'records_per_shard={records_per_shard}: must be >= 1')
-    self.directory = os.path.abspath(directory)
-    self.name, self.records_per_shard, self.options = name, int(records_per_shard), options
-    check_output(self.directory)
+    self.name, self.options = name, options
     self._bank = None if bank is None else check_bank(bank, 'bank')
-    parent = os.path.dirname(self.directory)
-    os.makedirs(parent, exist_ok=True)
-    self._tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.directory)}.', suffix='.tmp', dir=parent)
-    self._writer, self._counts, self._videos, self._seen = None, [], [], set()
-    self._expected, self._records, self._segments = None, 0, 0
+    self._out = record_dir.RecordDir(directory, records_per_shard, options, error=ShardError)
+    self.directory = self._out.directory
+    self._videos, self._seen, self._expected, self._segments = [], set(), None, 0
     self.summary = None
 
   def __enter__(self):
@@ -75,21 +67,9 @@ class ShardWriter:
     else:
       self.abort()
 
-  def _write(self, record: bytes) -> None:
-    if self._writer is None:
-      path = os.path.join(self._tmp, f'shard-{len(self._counts):05d}.tmp')
-      self._writer = array_record_module.ArrayRecordWriter(path, self.options)
-      self._counts.append(0)
-    self._writer.write(record)
-    self._counts[-1] += 1
-    self._records += 1
-    if self._counts[-1] == self.records_per_shard:
-      self._writer.close()
-      self._writer = None
-
   def add_video(self, video_id: str, segments: List[dict]) -> List[Segment]:
     """Validates and writes all views of one video; returns its Segments (global record indices)."""
-    if self._tmp is None:
+    if not self._out.open:
       raise ShardError('ShardWriter: already closed')
     if not isinstance(video_id, str) or not video_id:
       raise ShardError(f'video id {video_id!r}: must be a non-empty string')
@@ -100,9 +80,8 @@ class ShardWriter:
     for s, views in enumerate(prepared):
       keys = {}
       for kind in (WEAK, STRONG):
-        keys[kind] = tuple(range(self._records, self._records + len(views[kind])))
-        for v, (regions, teacher, meta) in enumerate(views[kind]):
-          self._write(encode_record(video_id, s, kind, v, regions, teacher, meta))
+        keys[kind] = tuple(self._out.write(encode_record(video_id, s, kind, v, regions, teacher, meta))
+                           for v, (regions, teacher, meta) in enumerate(views[kind]))
       out.append(Segment(keys[WEAK], keys[STRONG]))
     self._expected = expected
     self._seen.add(video_id)
@@ -112,50 +91,30 @@ class ShardWriter:
 
   def abort(self) -> None:
     """Discards everything written so far."""
-    if self._writer is not None:
-      with contextlib.suppress(Exception):
-        self._writer.close()
-      self._writer = None
-    if self._tmp is not None:
-      shutil.rmtree(self._tmp, ignore_errors=True)
-      self._tmp = None
+    self._out.abort()
 
   def close(self) -> dict:
     """Names the shard files, writes shards.json (bank.npz, TFDS metadata), renames the folder into place."""
-    if self._tmp is None:
+    if not self._out.open:
       return self.summary
-    try:
-      if self._writer is not None:
-        self._writer.close()
-        self._writer = None
-      if not self._videos:
-        raise ShardError(f'{self.directory}: no videos were added; nothing written')
-      files = []
-      for i, count in enumerate(self._counts):
-        files.append({'file': shard_filename(self.name, i, len(self._counts)), 'records': count})
-        os.rename(os.path.join(self._tmp, f'shard-{i:05d}.tmp'), os.path.join(self._tmp, files[-1]['file']))
+    if not self._videos:
+      self.abort()
+      raise ShardError(f'{self.directory}: no videos were added; nothing written')
+
+    def write_index(folder, files):
       (t, r, d), (_, c) = self._expected
       info = StoreInfo(frames=t, regions=r, dims=d, teacher_dims=c)
       if self._bank is not None:
         bank = check_bank(self._bank, 'bank', info)
-        with open(os.path.join(self._tmp, BANK), 'wb') as f:
+        with open(os.path.join(folder, BANK), 'wb') as f:
           np.savez(f, **bank)
       head = {'format': FORMAT, 'version': VERSION, 'info': dataclasses.asdict(info), 'dtype': 'float16',
-              'name': self.name, 'records': self._records, 'shards': files, 'options': self.options,
+              'name': self.name, 'records': self._out.records, 'shards': files, 'options': self.options,
               'bank': BANK if self._bank is not None else None}
-      write_metadata(self._tmp, head, self._videos, self._counts)
-      check_output(self.directory)
-      os.chmod(self._tmp, 0o755)  # mkdtemp made it private
-      if os.path.isdir(self.directory):
-        os.rmdir(self.directory)
-      os.rename(self._tmp, self.directory)
-      self._tmp = None
-    except BaseException:
-      self.abort()
-      raise
-    nbytes = sum(os.path.getsize(os.path.join(self.directory, f)) for f in os.listdir(self.directory))
+      write_metadata(folder, head, self._videos, self._out.counts)
+    files = self._out.commit(lambda i, n: shard_filename(self.name, i, n), write_index)
     self.summary = {'directory': self.directory, 'videos': len(self._videos), 'segments': self._segments,
-                    'views': self._records, 'shards': len(files), 'bytes': nbytes}
+                    'views': self._out.records, 'shards': len(files), 'bytes': self._out.nbytes()}
     return self.summary
 
 

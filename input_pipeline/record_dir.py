@@ -1,0 +1,102 @@
+"""A shard directory being written: rolling ArrayRecord files in a temporary folder, renamed into place at the end.
+
+Shared by the HAP-VR view shards (`input_pipeline.shards.ShardWriter`) and the AVHash feature shards
+(`input_pipeline.av_shards.AVShardWriter`), which add their own record codec, validation and index file:
+
+  out = RecordDir(directory, records_per_shard, options, error=ShardError)
+  index = out.write(record)                        # global record index
+  files = out.commit(filename, write_index)        # or out.abort()
+
+Nothing appears at `directory` until `commit` succeeds: records go to `shard-00000.tmp`, ... in a private
+folder beside it; `commit` closes the last file, renames the files to `filename(i, count)`, lets the caller
+write its index into the folder, and renames the folder onto `directory` (which must be absent or empty). Any
+failure in between removes the folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Callable, Dict, List, Type
+
+from array_record.python import array_record_module
+
+
+def check_output(directory: str, error: Type[Exception] = ValueError) -> None:
+  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    raise error(f'{directory}: output exists and is not an empty directory; refusing to overwrite it '
+                f'(remove it or choose another --output)')
+
+
+class RecordDir:
+
+  def __init__(self, directory: str, records_per_shard: int, options: str, error: Type[Exception] = ValueError):
+    if records_per_shard < 1:
+      raise error(f'records_per_shard={records_per_shard}: must be >= 1')
+    self.directory = os.path.abspath(directory)
+    self.records_per_shard, self.options, self.error = int(records_per_shard), options, error
+    check_output(self.directory, error)
+    parent = os.path.dirname(self.directory)
+    os.makedirs(parent, exist_ok=True)
+    self.tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.directory)}.', suffix='.tmp', dir=parent)
+    self.counts: List[int] = []        # records per shard file
+    self.records = 0
+    self._writer = None
+
+  @property
+  def open(self) -> bool:
+    return self.tmp is not None
+
+  def write(self, record: bytes) -> int:
+    """Appends one record; returns its global index."""
+    if self._writer is None:
+      path = os.path.join(self.tmp, f'shard-{len(self.counts):05d}.tmp')
+      self._writer = array_record_module.ArrayRecordWriter(path, self.options)
+      self.counts.append(0)
+    self._writer.write(record)
+    self.counts[-1] += 1
+    self.records += 1
+    if self.counts[-1] == self.records_per_shard:
+      self._writer.close()
+      self._writer = None
+    return self.records - 1
+
+  def abort(self) -> None:
+    """Discards everything written so far."""
+    if self._writer is not None:
+      with contextlib.suppress(Exception):
+        self._writer.close()
+      self._writer = None
+    if self.tmp is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      self.tmp = None
+
+  def commit(self, filename: Callable[[int, int], str],
+             write_index: Callable[[str, List[Dict]], None]) -> List[Dict]:
+    """Names the shard files, calls `write_index(folder, files)`, renames the folder into place.
+
+    Returns the files as [{'file': name, 'records': count}]. On any error the folder is removed.
+    """
+    try:
+      if self._writer is not None:
+        self._writer.close()
+        self._writer = None
+      files = []
+      for i, count in enumerate(self.counts):
+        files.append({'file': filename(i, len(self.counts)), 'records': count})
+        os.rename(os.path.join(self.tmp, f'shard-{i:05d}.tmp'), os.path.join(self.tmp, files[-1]['file']))
+      write_index(self.tmp, files)
+      check_output(self.directory, self.error)
+      os.chmod(self.tmp, 0o755)  # mkdtemp made it private
+      if os.path.isdir(self.directory):
+        os.rmdir(self.directory)
+      os.rename(self.tmp, self.directory)
+      self.tmp = None
+    except BaseException:
+      self.abort()
+      raise
+    return files
+
+  def nbytes(self) -> int:
+    return sum(os.path.getsize(os.path.join(self.directory, f)) for f in os.listdir(self.directory))
