@@ -12,8 +12,6 @@ Rerunning the same command resumes from the workdir. SIGTERM/SIGINT save a check
 """
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -27,20 +25,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, bes
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
-    return cli.fail('--workdir is required')
-  if _CONFIG.value is None:
-    return cli.fail('--config is required (e.g. --config=configs/fcvid.py:demo)')
-  from absl import logging
-  if not flags.FLAGS['verbosity'].present:   # keep Orbax's per-save INFO chatter out of the console
-    logging.set_verbosity(logging.WARNING)
   from avhash_jax import train
-  with cli.clear_errors():
-    try:
-      result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.TrainingError as e:
-      print(f'error: {e}', file=sys.stderr, flush=True)
-      sys.exit(3)
+  result = cli.run_training(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, train.TrainingError,
+                            'configs/fcvid.py:demo')
   best = result['best']
   print(f'finished at step {result["step"]}; best val mAP@all={best["mAP"]:.4f} at step {best.get("step")}; '
         f'outputs in {_WORKDIR.value} (best/, test/, train.jsonl, metrics.jsonl, tensorboard/, ckpt/)',

@@ -57,3 +57,23 @@ def run(main):
     except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections override errors
       fail(f'bad config override: {e}')
   app.run(main, flags_parser=flags_parser)
+
+
+def run_training(train_fn, config, workdir: str, training_error, example: str):
+  """The shared body of the training entry points: checks --workdir/--config, keeps Orbax's per-save INFO
+  lines off the console unless --verbosity is given, runs `train_fn(config, workdir)` under `clear_errors`
+  (bad input: one line, exit 2) and turns `training_error` (a non-finite loss) into one line and exit 3.
+  Returns the training result, or the exit code of a usage error."""
+  from absl import flags, logging
+  if not workdir:
+    return fail('--workdir is required')
+  if config is None:
+    return fail(f'--config is required (e.g. --config={example})')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  with clear_errors():
+    try:
+      return train_fn(config, workdir)
+    except training_error as e:
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      sys.exit(3)

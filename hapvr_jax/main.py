@@ -9,8 +9,6 @@ a non-finite loss stops the run with exit code 3, naming the step. See configs/v
 """
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -23,20 +21,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, met
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
-    return cli.fail('--workdir is required')
-  if _CONFIG.value is None:
-    return cli.fail('--config is required (e.g. --config=configs/vcdb.py:demo)')
-  from absl import logging
-  if not flags.FLAGS['verbosity'].present:   # keep Orbax's per-save INFO chatter out of the console
-    logging.set_verbosity(logging.WARNING)
   from hapvr_jax import train
-  with cli.clear_errors():
-    try:
-      result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.TrainingError as e:
-      print(f'error: {e}', file=sys.stderr, flush=True)
-      sys.exit(3)
+  result = cli.run_training(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, train.TrainingError,
+                            'configs/vcdb.py:demo')
   print(f'finished at step {result["step"]}; outputs in {_WORKDIR.value} (train.jsonl, metrics.jsonl, '
         'tensorboard/, ckpt/)', flush=True)
   return 0
