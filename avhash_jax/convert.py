@@ -36,6 +36,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from common_jax import cli
+from common_jax.convert_util import ConversionError, check_keys, load_torch, put as _put, to_numpy as _numpy
+from common_jax.convert_util import layout as _layout
 from avhash_jax.model import ModelConfig, init_params
 
 ENCODERS = ('AE', 'IE', 'VE')
@@ -70,10 +72,6 @@ DROPPED = tuple(f'{e}.encoder.embeddings.word_embeddings.weight' for e in ENCODE
     'Audio_project.weight', 'Audio_project.bias')
 IGNORED = re.compile(r'^(AE|IE|VE)\.encoder\.embeddings\.position_ids$')
 CLS_TOKEN_ID = 101
-
-
-class ConversionError(ValueError):
-  pass
 
 
 def bert_table(num_layers: int):
@@ -125,10 +123,6 @@ def expected_shapes(cfg: ModelConfig) -> dict:
   return shapes
 
 
-def _numpy(sd: Mapping[str, Any]) -> dict:
-  return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v) for k, v in sd.items()}
-
-
 def _heads(hidden: int, num_heads: Optional[int], where: str) -> int:
   if num_heads:
     return num_heads
@@ -157,32 +151,6 @@ def infer_config(sd: Mapping[str, np.ndarray], num_heads: Optional[int] = None, 
     raise
   except ValueError as e:
     raise ConversionError(f'{where}: unsupported architecture: {e}') from e
-
-
-def check_keys(sd: Mapping[str, np.ndarray], shapes: Mapping[str, tuple], where: str, what: str,
-               allow_extra=None) -> None:
-  """One error listing every missing, unexpected and mis-shaped key."""
-  fits = lambda a, b: len(a) == len(b) and all(y is None or x == y for x, y in zip(a, b))
-  fmt = lambda s: '[' + ', '.join('*' if x is None else str(x) for x in s) + ']'
-  problems = [f'missing key {k} (expected shape {fmt(s)})' for k, s in shapes.items() if k not in sd]
-  problems += [f'unexpected key {k} (shape {list(v.shape)})' for k, v in sd.items()
-               if k not in shapes and not (allow_extra and allow_extra(k))]
-  problems += [f'{k}: shape {list(sd[k].shape)}, expected {fmt(s)}'
-               for k, s in shapes.items() if k in sd and not fits(tuple(sd[k].shape), s)]
-  if problems:
-    raise ConversionError(f'{where} does not match {what}:\n  ' + '\n  '.join(problems))
-
-
-def _put(params: dict, path, value) -> None:
-  node = params
-  for name in path[:-1]:
-    node = node.setdefault(name, {})
-  node[path[-1]] = np.ascontiguousarray(value)
-
-
-def _layout(value: np.ndarray, transform) -> np.ndarray:
-  value = value.astype(np.float32)
-  return value.T if transform == 'T' else value
 
 
 def check_cls(cls_token: np.ndarray, hidden: int, where: str) -> np.ndarray:
@@ -250,20 +218,6 @@ def from_bert(bert_state_dict: Mapping[str, Any], bits: int = 64, cls_token=None
 def jax_tree_to_numpy(tree):
   import jax
   return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def load_torch(path: str, what: str):
-  """A torch.save file (weights_only) or a .safetensors file, as loaded objects."""
-  if not os.path.isfile(path):
-    raise ConversionError(f'{path}: {what} file not found')
-  try:
-    if path.endswith('.safetensors'):
-      from safetensors.numpy import load_file
-      return load_file(path)
-    import torch
-    return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # torch/safetensors raise pickle, zip and header errors of several types
-    raise ConversionError(f'{path}: cannot be read as a {what}: {e}') from e
 
 
 def load_original(path: str) -> Mapping[str, Any]:
