@@ -59,39 +59,9 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import numpy as np  # noqa: E402
 
+from bench.common import load, matmul_peak, median_time, memory_bandwidth  # noqa: E402
+
 N_NEG = 4
-
-
-def load():
-  return '%.2f %.2f %.2f' % os.getloadavg()
-
-
-def median_time(run_one, sync, steps):
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    run_one()
-    sync()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), float(np.min(times))
-
-
-def matmul_peak(n=2048):
-  """FLOP/s of an n^3 float32 jnp.dot at precision HIGHEST (the model's), median of 5."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
-  f(a, b).block_until_ready()
-  return 2 * n ** 3 / median_time(lambda: f(a, b).block_until_ready(), lambda: None, 5)[0]
-
-
-def memory_bandwidth(mib=512):
-  """Bytes/s (read + write) of np.copyto on a mib MiB array, median of 5."""
-  src = np.ones(mib * 2 ** 20 // 8)
-  dst = np.empty_like(src)
-  return 2 * src.nbytes / median_time(lambda: np.copyto(dst, src), lambda: None, 5)[0]
 
 
 def analytic_step_flops(c, batch_size):

@@ -1,0 +1,46 @@
+"""Timing helpers shared by the benchmarks: medians of repeated runs and the device limits they are compared to.
+
+Every benchmark prints its figures next to a baseline measured in the same run (the PyTorch reference, or
+the device's own matmul rate / copy bandwidth timed here), so a ratio never mixes machines or days.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def load() -> str:
+  """The 1/5/15-minute load average: a busy machine explains a slow figure."""
+  return '%.2f %.2f %.2f' % os.getloadavg()
+
+
+def median_time(run_one, sync=lambda: None, steps: int = 5):
+  """(median, min) seconds of `run_one(); sync()` over `steps` runs (warm up before calling)."""
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    run_one()
+    sync()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), float(np.min(times))
+
+
+def matmul_peak(n: int = 2048, dtype='float32', precision='highest') -> float:
+  """FLOP/s of an n^3 jnp.dot in `dtype` at `precision` (jax.lax.Precision name), median of 5."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+  prec = getattr(jax.lax.Precision, precision.upper())
+  f = jax.jit(lambda a, b: jnp.dot(a, b, precision=prec))
+  f(a, b).block_until_ready()
+  return 2 * n ** 3 / median_time(lambda: f(a, b).block_until_ready(), steps=5)[0]
+
+
+def memory_bandwidth(mib: int = 512) -> float:
+  """Bytes/s (read + write) of np.copyto on a mib MiB host array, median of 5."""
+  src = np.ones(mib * 2 ** 20 // 8)
+  dst = np.empty_like(src)
+  return 2 * src.nbytes / median_time(lambda: np.copyto(dst, src), steps=5)[0]
