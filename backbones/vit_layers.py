@@ -1,0 +1,192 @@
+"""Pre-LN Vision Transformer pieces shared by DINO ViT-S/16 (`backbones.dino`) and CLIP ViT-L/14 (`backbones.clip`).
+
+Both towers are the same computation with different names: tokens = [CLS ; patches] + positions, then blocks of
+
+  x = x + attn(norm_a(x));  x = x + mlp(norm_b(x))        attn: fused qkv Linear, softmax(q k^T / sqrt(d)) v, out Linear
+                                                          mlp: Linear -> activation (exact GELU / quick GELU) -> Linear
+
+The Flax modules here take the parameter names as attributes, so each model's tree mirrors its own checkpoint
+(DINO: norm1/attn/qkv/proj/norm2/mlp/fc1/fc2; OpenAI CLIP: ln_1/attn/in_proj/out_proj/ln_2/mlp/c_fc/c_proj). Params
+are float32; `dtype` is the compute dtype (bf16 for benches); softmax and LayerNorm statistics run in float32.
+
+Conversion helpers: `gather` reads a state_dict in some layout into the *canonical* (original checkpoint) key names
+through rows (canonical key, source keys, how), checking every key first in the source layout's own names, so an
+error names exactly what the user's file has or lacks; `depth_of` counts the blocks present.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from common_jax.convert_util import ConversionError, check_keys, state_dict_of
+
+
+def quick_gelu(x):
+  """OpenAI CLIP's activation x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'gelu': lambda x: nn.gelu(x, approximate=False), 'quick_gelu': quick_gelu}
+
+
+def dense(features: int, name: str, dtype, precision, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, precision=precision, name=name,
+                  kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
+
+
+def layer_norm(eps: float, name: str, dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (output channels ordered [q | k | v], heads inside)."""
+  num_heads: int
+  qkv_name: str = 'qkv'
+  out_name: str = 'proj'
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    h = self.num_heads
+    qkv = dense(3 * d, self.qkv_name, self.dtype, self.precision)(x).reshape(b, t, 3, h, d // h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, precision=self.precision) * (d // h) ** -0.5
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v, precision=self.precision).reshape(b, t, d)
+    return dense(d, self.out_name, self.dtype, self.precision)(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  act: str = 'gelu'
+  fc_names: tuple = ('fc1', 'fc2')
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    y = ACTIVATIONS[self.act](dense(self.hidden, self.fc_names[0], self.dtype, self.precision)(x))
+    return dense(x.shape[-1], self.fc_names[1], self.dtype, self.precision)(y)
+
+
+class Block(nn.Module):
+  """One pre-LN block. names = (norm_a, attn, qkv, out, norm_b, mlp, fc1, fc2): the checkpoint's module names."""
+  num_heads: int
+  mlp_dim: int
+  eps: float
+  act: str
+  names: tuple = ('norm1', 'attn', 'qkv', 'proj', 'norm2', 'mlp', 'fc1', 'fc2')
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    na, attn, qkv, out, nb, mlp, fc1, fc2 = self.names
+    x = x + SelfAttention(self.num_heads, qkv, out, self.dtype, self.precision, name=attn)(
+        layer_norm(self.eps, na, self.dtype)(x))
+    return x + Mlp(self.mlp_dim, self.act, (fc1, fc2), self.dtype, self.precision, name=mlp)(
+        layer_norm(self.eps, nb, self.dtype)(x))
+
+
+def check_grid(height: int, width: int, patch: int, image_size: int, what: str) -> None:
+  """Position embeddings are stored for image_size x image_size; other sizes are refused (no interpolation)."""
+  if height != image_size or width != image_size:
+    raise ValueError(f'{what}: input is {height}x{width} but the position embeddings are for {image_size}x{image_size} '
+                     f'(patch {patch}); resize the frames to {image_size}x{image_size} (interpolating position '
+                     'embeddings is not supported)')
+
+
+def encoder_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
+  """Multiply-adds x 2 of `depth` blocks over `tokens` tokens (LayerNorm, softmax and activations not counted)."""
+  per_block = 2 * tokens * width * (3 * width + width + 2 * mlp_dim) + 2 * 2 * tokens * tokens * width
+  return depth * per_block
+
+
+# ------------------------------------------------------------------------------------------------- conversion
+
+
+def flat_state_dict(state_dict: Any, where: str) -> dict:
+  """A bare state_dict (torch tensors or arrays) or a wrapped one (e.g. DINO's {'teacher': ...}) -> NumPy dict."""
+  return state_dict_of(state_dict, where)
+
+
+def strip_prefix(sd: Mapping[str, np.ndarray], prefix: str) -> dict:
+  """Removes `prefix` from the keys that carry it (the others stay, to be reported or ignored)."""
+  return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def depth_of(keys, pattern: str) -> int:
+  """1 + the largest block index matched by `pattern` (a regex with one group for the index), 0 if none."""
+  idx = [int(m.group(1)) for m in map(re.compile(pattern).match, keys) if m]
+  return max(idx) + 1 if idx else 0
+
+
+def gather(sd: Mapping[str, np.ndarray], rows: Sequence[tuple], canonical_shapes: Mapping[str, tuple], where: str,
+           what: str, ignore=None) -> dict:
+  """Canonical key -> array, from `rows` = (canonical key, source keys, how) with how None (one key, as is), 'cat'
+  (several keys concatenated on axis 0, e.g. q/k/v -> qkv) or 'T' (one key, transposed). The check runs on the source
+  names; shapes of the sources follow from the canonical ones."""
+  expected = {}
+  for key, sources, how in rows:
+    shape = canonical_shapes[key]
+    for s in sources:
+      if how == 'cat':
+        expected[s] = (None if shape[0] is None else shape[0] // len(sources), *shape[1:])
+      elif how == 'T':
+        expected[s] = tuple(reversed(shape))
+      else:
+        expected[s] = shape
+  check_keys(sd, expected, where, what, allow_extra=ignore)
+  out = {}
+  for key, sources, how in rows:
+    if how == 'cat':
+      out[key] = np.concatenate([np.asarray(sd[s], np.float32) for s in sources], axis=0)
+    elif how == 'T':
+      out[key] = np.asarray(sd[sources[0]], np.float32).T
+    else:
+      out[key] = np.asarray(sd[sources[0]], np.float32)
+  return out
+
+
+def need(sd: Mapping[str, np.ndarray], keys: Sequence[str], where: str, what: str) -> None:
+  """The keys the size is read from must exist before anything else can be checked."""
+  missing = [k for k in keys if k not in sd]
+  if missing:
+    raise ConversionError(f'{where} does not match {what}: missing key(s) {", ".join(missing)} '
+                          f'(cannot read the model size); first keys present: {sorted(sd)[:8]}')
+
+
+def grid_of(num_positions: int, where: str) -> int:
+  """Side of the square patch grid stored in a position table of 1 + side^2 rows."""
+  side = math.isqrt(max(num_positions - 1, 0))
+  if side * side != num_positions - 1 or side == 0:
+    raise ConversionError(f'{where}: position embeddings have {num_positions} rows, not 1 + a square number of patches')
+  return side
+
+
+def default_heads(width: int, num_heads: Optional[int]) -> int:
+  """Head count (not stored in the weights): the override, else width / 64 (ViT-S/16: 6, ViT-L/14: 16); a width
+  that is not a multiple of 64 needs the override (a guessed head count would give a silently different model)."""
+  if num_heads is None and width % 64:
+    raise ConversionError(f'width {width} is not a multiple of 64: give the head count (--num_heads)')
+  heads = num_heads if num_heads is not None else width // 64
+  if heads < 1 or width % heads:
+    raise ConversionError(f'num_heads={heads} does not divide the width {width}')
+  return heads
+
+
+def tree_from(canonical: Mapping[str, np.ndarray], table: Sequence[tuple]) -> dict:
+  """Nested Flax params from canonical arrays via TABLE rows (canonical key, Flax path, transform)."""
+  from common_jax.convert_util import layout, put
+  params: dict = {}
+  for key, path, transform in table:
+    put(params, path, layout(canonical[key], transform))
+  return params
