@@ -1,0 +1,100 @@
+r"""Converts a PyTorch backbone checkpoint into a Flax checkpoint directory (no download: local files only).
+
+  python -m backbones.convert_backbone --arch=resnet50_irmac --torch_checkpoint=resnet50-0676ba61.pth \
+      --pca=pca_resnet50_vcdb_1M.pth --output=ckpt/resnet50_irmac
+  python -m backbones.convert_backbone --arch=dino_vits16 --torch_checkpoint=dino_deitsmall16_pretrain.pth \
+      --output=ckpt/dino_vits16
+  python -m backbones.convert_backbone --arch=clip_vitl14 --torch_checkpoint=ViT-L-14.pt --output=ckpt/clip_vitl14
+  python -m backbones.convert_backbone --arch=ast \
+      --torch_checkpoint=ast-finetuned-audioset-10-10-0.4593/model.safetensors --output=ckpt/ast
+
+Accepted layouts (each module's TABLE maps them; the layout is recognised from the key names):
+  resnet50_irmac  torchvision ResNet-50 (IMAGENET1K_V1: resnet50-0676ba61.pth; fc.* dropped) + ViSiL's PCA file
+                  (pca_resnet50_vcdb_1M.pth: mean, d, V; or an .npz with those keys). Without --pca the output
+                  is the 3840-d L3-iRMAC descriptor.
+  dino_vits16     the official DINO layout (dino_deitsmall16_pretrain.pth, or a training checkpoint's 'teacher')
+                  or transformers' ViTModel (facebook/dino-vits16).
+  clip_vitl14     OpenAI's CLIP (the ViT-L-14.pt JIT archive's state_dict, or a state_dict; text tower ignored)
+                  or transformers' CLIPModel / CLIPVisionModelWithProjection (openai/clip-vit-large-patch14).
+  ast             transformers' AST (MIT/ast-finetuned-audioset-10-10-0.4593: ASTForAudioClassification or
+                  ASTModel, hub or transformers-5 key names; the classifier is dropped).
+
+Files are read with torch.load(weights_only=True), safetensors or NumPy; a TorchScript archive (OpenAI's .pt)
+is opened with torch.jit.load on the CPU. The output directory (Orbax params + model_config.json {"arch",
+"config"}) is read by `backbones.registry.load` and the extraction CLIs. Missing, unexpected and mis-shaped
+tensors are listed together in one error; an existing non-empty --output is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+
+from common_jax import cli
+from common_jax.convert_util import ConversionError, load_torch, state_dict_of, to_numpy
+from backbones import registry
+
+
+def load_state_dict(path: str) -> dict:
+  """The tensors of a torch.save / safetensors / npz file, or of a TorchScript archive (OpenAI CLIP)."""
+  if os.path.isfile(path) and not path.endswith(('.safetensors', '.npz')):
+    import zipfile
+    if zipfile.is_zipfile(path):
+      with zipfile.ZipFile(path) as z:
+        scripted = any(n.endswith('/constants.pkl') or n.endswith('code/__torch__.py') for n in z.namelist())
+      if scripted:
+        import torch
+        try:
+          return to_numpy(torch.jit.load(path, map_location='cpu').state_dict())
+        except Exception as e:  # torch.jit raises several error types
+          raise ConversionError(f'{path}: cannot be read as a TorchScript archive: {e}') from e
+  return state_dict_of(load_torch(path, 'PyTorch checkpoint'), path)
+
+
+def run_conversion(arch: str, torch_checkpoint: str, output: str, pca: Optional[str] = None,
+                   num_heads: Optional[int] = None, pca_dims: Optional[int] = None):
+  """Writes the converted backbone; returns (params, Config). Raises ConversionError on bad input."""
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise ConversionError(f'{output}: already exists and is not empty; choose another --output or remove it')
+  mod = registry.module(arch)
+  extra = {}
+  if pca is not None:
+    if arch != 'resnet50_irmac':
+      raise ConversionError(f'--pca applies to resnet50_irmac only, not {arch}')
+    extra['pca'] = mod.load_pca(pca)
+    if pca_dims is not None:
+      extra['pca_dims'] = pca_dims
+  elif pca_dims is not None:
+    raise ConversionError('--pca_dims needs --pca')
+  if num_heads is not None:
+    if arch == 'resnet50_irmac':
+      raise ConversionError('--num_heads applies to the transformer backbones only')
+    extra['num_heads'] = num_heads
+  params, config = mod.convert(load_state_dict(torch_checkpoint), where=torch_checkpoint, **extra)
+  registry.save(output, arch, params, config)
+  return params, config
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--arch', required=True, choices=sorted(registry.ARCHS))
+  parser.add_argument('--torch_checkpoint', required=True, help='the local PyTorch weights file')
+  parser.add_argument('--pca', help="resnet50_irmac: ViSiL's PCA file (pca_resnet50_vcdb_1M.pth)")
+  parser.add_argument('--pca_dims', type=int, help='resnet50_irmac: PCA components kept (default 512, as ViSiL)')
+  parser.add_argument('--num_heads', type=int, help='attention heads (not stored in the weights; default width/64)')
+  parser.add_argument('--output', required=True, help='new directory for the Orbax checkpoint + model_config.json')
+  flags = parser.parse_args(argv)
+  with cli.clear_errors():
+    params, config = run_conversion(flags.arch, flags.torch_checkpoint, flags.output, flags.pca, flags.num_heads,
+                                    flags.pca_dims)
+  import jax
+  n = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(params))
+  print(f'wrote {flags.output}: {flags.arch}, {n:,} parameters, config {config.to_dict()}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
