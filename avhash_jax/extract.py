@@ -1,0 +1,142 @@
+r"""AVHash features from video files: 25 CLIP frame embeddings and 25 AST audio-segment embeddings per video.
+
+  python -m avhash_jax.extract --clip=ckpt/clip_vitl14 --ast=ckpt/ast --video_dir=fcvid/videos \
+      --image_output=fcvid_clip.h5 --audio_output=fcvid_ast.h5
+
+Frames (spec §7.1, decision 8): 25 timestamps t_k = (k + 0.5)·T/25, each the last frame at or before t_k;
+shorter side resized to 224 (bicubic) and centre-cropped, CLIP normalisation; stored: the unnormalised
+768-d `image_embeds`. Audio (§7.2, decisions 9-11): the track resampled to 16 kHz mono; 25 windows of
+`--audio_window` seconds centred on the same timestamps, clipped to the track (or `--audio_segments=chunks`:
+25 equal consecutive chunks); each window -> Kaldi fbank (128 bins), padded/truncated to 1024 frames,
+normalised; AST pooled output (mean of CLS and distillation tokens). A video without an audio track gets zero
+vectors (`--no_audio=zeros`, the default, counted in the summary) or is recorded as a failure (`fail`).
+
+The two files have one group per video id holding a dataset `vectors`, float32 [25, 768]: the original's
+layout, which `avhash_jax.evaluate`, training and `input_pipeline.make_av_shards` read. Resumable, never half-written at the final names, `--num_shards/
+--shard_index` for several hosts, failures in `<image_output>.failures.jsonl` (see hapvr_jax.extract).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from backbones import fbank, registry
+from common_jax import cli, preemption
+from input_pipeline import extraction, feature_writer, video_io
+
+SEGMENTS = 25
+
+
+def audio_inputs(wave: np.ndarray, times: np.ndarray, mode: str, window: float, max_length: int) -> np.ndarray:
+  """[25, max_length, 128] normalised AST inputs of one track."""
+  if mode == 'chunks':
+    pieces = video_io.equal_chunks(wave, len(times))
+  else:
+    pieces = video_io.audio_windows(wave, times, rate=fbank.SAMPLE_RATE, window=window)
+  # NumPy on the decoding threads (about 10 ms per window); a window under 25 ms is all padding.
+  return np.stack([fbank.ast_input_numpy(p, max_length=max_length) for p in pieces]).astype(np.float32)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--videos', default='', help='list file: "path" or "id<TAB>path" per line')
+  parser.add_argument('--video_dir', default='', help='or: every video file in this folder')
+  parser.add_argument('--keep_extension', action='store_true', help='ids keep the file extension')
+  parser.add_argument('--clip', required=True, help='converted clip_vitl14 directory')
+  parser.add_argument('--ast', required=True, help='converted ast directory')
+  parser.add_argument('--image_output', required=True, help='HDF5 file of CLIP features')
+  parser.add_argument('--audio_output', required=True, help='HDF5 file of AST features')
+  parser.add_argument('--audio_segments', choices=('windows', 'chunks'), default='windows')
+  parser.add_argument('--audio_window', type=float, default=5.0, help='seconds per centred audio window')
+  parser.add_argument('--no_audio', choices=('zeros', 'fail'), default='zeros')
+  parser.add_argument('--batch_size', type=int, default=100, help='frames per CLIP batch')
+  parser.add_argument('--audio_batch_size', type=int, default=50, help='segments per AST batch')
+  parser.add_argument('--workers', type=int, default=4, help='decoding threads')
+  parser.add_argument('--num_shards', type=int, default=None)
+  parser.add_argument('--shard_index', type=int, default=None)
+  parser.add_argument('--strict', action='store_true', help='exit 1 if any video failed')
+  flags = parser.parse_args(argv)
+  with cli.clear_errors():
+    return extract(flags)
+
+
+def extract(flags) -> int:
+  import jax
+  num_shards = flags.num_shards or jax.process_count()
+  shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
+  videos = extraction.select_shard(extraction.read_video_list(flags.videos, flags.video_dir, flags.keep_extension),
+                                   num_shards, shard_index)
+  paths = {'image': extraction.shard_path(flags.image_output, num_shards, shard_index),
+           'audio': extraction.shard_path(flags.audio_output, num_shards, shard_index)}
+  if paths['image'] == paths['audio']:
+    raise ValueError('--image_output and --audio_output must be different files')
+  clip, ast = registry.load(flags.clip, 'clip_vitl14'), registry.load(flags.ast, 'ast')
+  max_length = ast.config.max_length
+  runners = {}
+  for name, net, size in (('image', clip, flags.batch_size), ('audio', ast, flags.audio_batch_size)):
+    fn, multiple = registry.batch_fn([net])
+    runners[name] = extraction.PackedRunner(lambda x, fn=fn: fn(x)[0], -(-size // multiple) * multiple)
+  writer = feature_writer.ResumableH5(paths)
+  failures = extraction.FailureLog(paths['image'] + '.failures.jsonl')
+  silent, partial = [], {}
+
+  def decode(video):
+    info = video_io.probe(video.path)
+    times = video_io.uniform_times(info.duration, SEGMENTS)
+    frames = extraction.frames_or_error(video, video_io.clip_frames(video_io.read_frames_at(video.path, times)))
+    try:
+      wave = video_io.read_audio(video.path, rate=fbank.SAMPLE_RATE)
+    except video_io.VideoError as e:
+      if e.reason != 'no_audio' or flags.no_audio == 'fail':
+        raise
+      return frames, None
+    return frames, audio_inputs(wave, times, flags.audio_segments, flags.audio_window, max_length)
+
+  def collect(name, completed):
+    out = []
+    for video, emb in completed:
+      partial.setdefault(video, {})[name] = emb
+      if len(partial[video]) == 2:
+        out.append((video, partial.pop(video)))
+    return out
+
+  def compute(video, item):
+    frames, audio = item
+    done = collect('image', runners['image'].add(video, frames))
+    if audio is None:
+      silent.append(video.video_id)
+      return done + collect('audio', [(video, np.zeros((SEGMENTS, ast.config.hidden_size), np.float32))])
+    return done + collect('audio', runners['audio'].add(video, audio))
+
+  def flush():
+    return collect('image', runners['image'].flush()) + collect('audio', runners['audio'].flush())
+
+  def write(video, out):
+    for name, x in out.items():
+      if x.shape != (SEGMENTS, x.shape[-1]) or not np.isfinite(x).all():
+        raise ValueError(f'{video.path}: {name} features of shape {x.shape} with non-finite values')
+    writer.write(video.video_id, {
+        name: (lambda f, x=x.astype(np.float32): f.create_group(video.video_id).create_dataset('vectors', data=x))
+        for name, x in out.items()})
+
+  stop = preemption.StopSignal()
+  try:
+    stats = extraction.run(videos, decode, compute, write, flush, done=writer.done, failures=failures,
+                           workers=flags.workers, stop=stop, desc='avhash features')
+  finally:
+    stop.restore()
+  failures.write()
+  if stats['stopped']:
+    writer.close()
+    print(f'stopped by {stop.signal_name}: {stats["extracted"]} videos written, rerun the command to resume')
+    return 0
+  writer.commit()
+  print(json.dumps({**paths, **stats, 'no_audio_zero_vectors': len(silent), 'failures': failures.summary()}))
+  return 1 if flags.strict and failures.failures else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

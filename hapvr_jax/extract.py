@@ -1,0 +1,198 @@
+r"""HAP-VR features from video files: DnS-format HDF5 for evaluation, augmented views for training.
+
+Evaluation features (spec §1.1-1.3): 1 frame/s, shorter side 256 (ffmpeg's fps and bicubic scale, through
+PyAV), centre crop 224, ResNet-50 L3-iRMAC + ViSiL PCA -> one dataset [T, 9, 512] per video id:
+
+  python -m hapvr_jax.extract --resnet=ckpt/resnet50_irmac --video_dir=fivr/videos --output=fivr_5k.h5
+
+Training views (spec §10.1-10.2): per video `--segments` 56-frame segments (random start, short videos tiled),
+each stored as 1 weak + (`--views` - 1) strong pixel-augmented views (hapvr_jax.augment), with ResNet region
+features and DINO ViT-S/16 CLS features, in the HDF5 view format of input_pipeline.hdf5_views (a file per
+host; the folder is a training store, and `--shards_output` also converts it to ArrayRecord shards):
+
+  python -m hapvr_jax.extract --mode=train --views=4 --segments=2 --resnet=ckpt/resnet50_irmac \
+      --dino=ckpt/dino_vits16 --videos=vcdb_list.txt --output=vcdb_views/views.h5 --bank_size=256
+
+Resumable (rerun the same command: logged ids are skipped, a half-written video is redone), never half-written
+at the final name, `--num_shards/--shard_index` (default: the jax process count/index) split one collection
+over hosts (`x.h5` -> `x-00001-of-00004.h5`). Unreadable videos are logged to `<output>.failures.jsonl` and
+skipped; the run ends with a summary (exit 0, or 1 when some videos failed and `--strict`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import zlib
+
+import numpy as np
+
+from backbones import registry
+from common_jax import cli, preemption
+from input_pipeline import extraction, feature_writer, video_io
+
+SEGMENT_FRAMES = 56
+
+
+def video_rng(seed: int, video_id: str) -> np.random.Generator:
+  """Per-video randomness: the same views whatever the host split, order or resume point."""
+  return np.random.default_rng([seed, zlib.crc32(video_id.encode())])
+
+
+def segments_of(frames: np.ndarray, count: int, rng: np.random.Generator, length: int = SEGMENT_FRAMES):
+  """`count` segments of `length` frames: a random start (randint(len - length), whose last offset is never
+  drawn, as the original), or for a short video the frames tiled by concatenation (spec §4.2)."""
+  n = len(frames)
+  tiled = frames
+  while len(tiled) < length:
+    tiled = np.concatenate([tiled, frames])
+  out = []
+  for _ in range(count):
+    start = int(rng.integers(max(len(tiled) - length, 1)))
+    out.append((start, tiled[start:start + length]))
+  return out, n
+
+
+def make_bank(resnet_dino_fn, size: int, rng: np.random.Generator, augment, fonts, emojis, batch: int):
+  """Features of black and uniform-noise frames through the strong-view pipeline (spec §10.3, decision 5)."""
+  bank = {}
+  for kind in ('black', 'noise'):
+    frames = (np.zeros((size, 256, 256, 3), np.uint8) if kind == 'black'
+              else rng.integers(0, 256, (size, 256, 256, 3), dtype=np.uint8))
+    views = np.concatenate([augment.strong_view(f[None], rng, fonts=fonts, emojis=emojis)[0] for f in frames])
+    runner = extraction.PackedRunner(resnet_dino_fn, batch)
+    (_, (regions, teacher)), = runner.add('bank', views) + runner.flush()
+    bank[f'{kind}_regions'], bank[f'{kind}_teacher'] = regions.astype(np.float16), teacher.astype(np.float16)
+  return bank
+
+
+def _list_files(folder: str, pattern: str):
+  return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(pattern))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--mode', choices=('eval', 'train'), default='eval')
+  parser.add_argument('--videos', default='', help='list file: "path" or "id<TAB>path" per line')
+  parser.add_argument('--video_dir', default='', help='or: every video file in this folder')
+  parser.add_argument('--keep_extension', action='store_true', help='ids keep the file extension (SVD)')
+  parser.add_argument('--output', required=True, help='HDF5 file to write (per host: -0000k-of-0000n added)')
+  parser.add_argument('--resnet', required=True, help='converted resnet50_irmac (with PCA) directory')
+  parser.add_argument('--dino', default='', help='converted dino_vits16 directory (train mode)')
+  parser.add_argument('--dino_normalize', choices=('none', 'imagenet'), default='none',
+                      help="DINO input: the original's raw [0,255] pixels (none) or ImageNet normalisation")
+  parser.add_argument('--views', type=int, default=4, help='train: views per segment (1 weak + views-1 strong)')
+  parser.add_argument('--segments', type=int, default=2, help='train: 56-frame segments per video')
+  parser.add_argument('--bank_size', type=int, default=0, help='train: black/noise bank entries per kind')
+  parser.add_argument('--fonts_dir', default='', help='TTF fonts for text overlays (e.g. augly\'s fonts)')
+  parser.add_argument('--emojis_dir', default='', help='RGBA PNG emojis for emoji overlays (e.g. augly\'s)')
+  parser.add_argument('--shards_output', default='', help='train: also write ArrayRecord shards here at the end')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--fps', type=float, default=1.0)
+  parser.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='eval features dtype')
+  parser.add_argument('--batch_size', type=int, default=128, help='frames per accelerator batch')
+  parser.add_argument('--workers', type=int, default=4, help='decoding threads')
+  parser.add_argument('--num_shards', type=int, default=None)
+  parser.add_argument('--shard_index', type=int, default=None)
+  parser.add_argument('--strict', action='store_true', help='exit 1 if any video failed')
+  flags = parser.parse_args(argv)
+  with cli.clear_errors():
+    return extract(flags)
+
+
+def extract(flags) -> int:
+  import jax
+  from hapvr_jax import augment  # pylint: disable=g-import-not-at-top
+  num_shards = flags.num_shards or jax.process_count()
+  shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
+  videos = extraction.select_shard(extraction.read_video_list(flags.videos, flags.video_dir, flags.keep_extension),
+                                   num_shards, shard_index)
+  output = extraction.shard_path(flags.output, num_shards, shard_index)
+  train = flags.mode == 'train'
+  if train and (not flags.dino or flags.views < 2 or flags.segments < 1):
+    raise ValueError('--mode=train needs --dino, --views >= 2 (1 weak + strong views) and --segments >= 1')
+  if flags.shards_output and (not train or num_shards > 1):
+    raise ValueError('--shards_output needs --mode=train on one host; with several hosts run '
+                     'python -m input_pipeline.make_shards on the output folder once all have finished')
+  nets = [registry.load(flags.resnet, 'resnet50_irmac')]
+  if train:
+    dino = registry.load(flags.dino, 'dino_vits16')
+    dino.config = dataclasses.replace(dino.config, normalize=flags.dino_normalize)
+    nets.append(dino)
+  fn, multiple = registry.batch_fn(nets)
+  batch = -(-flags.batch_size // multiple) * multiple
+  runner = extraction.PackedRunner(fn if train else (lambda x: fn(x)[0]), batch)
+  fonts = _list_files(flags.fonts_dir, '.ttf') if flags.fonts_dir else None
+  emojis = _list_files(flags.emojis_dir, '.png') if flags.emojis_dir else None
+  writer = feature_writer.ResumableH5({'features': output})
+  failures = extraction.FailureLog(output + '.failures.jsonl')
+  dtype = np.float16 if train else np.dtype(flags.dtype)
+  meta = {}
+
+  def decode(video):
+    if not train:
+      frames = video_io.read_frames_fps(video.path, fps=flags.fps, short_side=256, crop=224)[0]
+      return extraction.frames_or_error(video, frames)
+    frames = extraction.frames_or_error(video, video_io.read_frames_fps(video.path, fps=flags.fps,
+                                                                        short_side=256, crop=None)[0])
+    rng = video_rng(flags.seed, video.video_id)
+    segs, n = segments_of(frames, flags.segments, rng)
+    views, meta[video.video_id] = [], []
+    for s, (start, seg) in enumerate(segs):
+      for v in range(flags.views):
+        kind = 'weak' if v == 0 else 'strong'
+        clip, m = (augment.weak_view(seg, rng) if v == 0 else
+                   augment.strong_view(seg, rng, fonts=fonts, emojis=emojis))
+        views.append(clip)
+        meta[video.video_id].append((s, kind, v if v == 0 else v - 1, {
+            **m, 'source_frames': n, 'segment_start': start, 'seed': flags.seed, 'view_type': kind}))
+    return np.concatenate(views)
+
+  def write(video, out):
+    if train:
+      regions, teacher = out
+      if not (np.isfinite(regions).all() and np.isfinite(teacher).all()):
+        raise ValueError(f'{video.path}: non-finite features')
+      def put(f):
+        for i, (s, kind, v, m) in enumerate(meta.pop(video.video_id)):
+          g = f.create_group(f'{video.video_id}/{s}/{kind}_{v}')
+          rows = slice(i * SEGMENT_FRAMES, (i + 1) * SEGMENT_FRAMES)
+          g.create_dataset('regions', data=regions[rows].astype(dtype))
+          g.create_dataset('teacher', data=teacher[rows].astype(dtype))
+          g.attrs['meta'] = json.dumps(m)
+    else:
+      if not np.isfinite(out).all():
+        raise ValueError(f'{video.path}: non-finite features')
+      put = lambda f: f.create_dataset(video.video_id, data=out.astype(dtype), compression='gzip',
+                                       compression_opts=4)
+    writer.write(video.video_id, {'features': put})
+
+  stop = preemption.StopSignal()
+  try:
+    stats = extraction.run(videos, decode, runner.add, write, runner.flush, done=writer.done, failures=failures,
+                           workers=flags.workers, stop=stop, desc=f'{flags.mode} features')
+  finally:
+    stop.restore()
+  failures.write()
+  if stats['stopped']:
+    writer.close()
+    print(f'stopped by {stop.signal_name}: {stats["extracted"]} videos written, rerun the command to resume')
+    return 0
+  if train and flags.bank_size and shard_index == 0:
+    from input_pipeline.shard_format import save_bank  # pylint: disable=g-import-not-at-top
+    bank_rng = np.random.default_rng([flags.seed, 0xBA4C])
+    save_bank(os.path.join(os.path.dirname(os.path.abspath(output)), 'bank.npz'),
+              make_bank(fn, flags.bank_size, bank_rng, augment, fonts, emojis, batch))
+  writer.commit()
+  if train and flags.shards_output:
+    from input_pipeline import hdf5_views  # pylint: disable=g-import-not-at-top
+    hdf5_views.convert(os.path.dirname(os.path.abspath(output)), flags.shards_output, progress=True)
+  print(json.dumps({'output': output, **stats, 'failures': failures.summary(),
+                    'padded_frames': runner.padded_rows, 'batches': runner.batches}))
+  return 1 if flags.strict and failures.failures else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
