@@ -1,0 +1,136 @@
+r"""Full-size backbones: Flax vs the PyTorch module, parity and throughput in the same run.
+
+  python bench/backbones.py                       # all four, float32, batch 8 frames / 2 audio segments
+  python bench/backbones.py --arch=clip_vitl14 --batch=4 --steps=3
+  python bench/backbones.py --dtype=bfloat16      # on a GPU/TPU: the bf16 compute option and its accuracy cost
+
+For each architecture: the PyTorch reference (transformers' module at the real size, random weights, re-keyed
+into the checkpoint layout the converter reads: backbones/<arch>_torch.py) is converted with the product's
+converter, both run the same preprocessed batch, and the script prints
+
+  * parity: max |flax - torch| / max |torch| over the batch (float32 target: 1e-4), and per-row cosine;
+  * images (or audio segments) per second of each, their ratio, and the Flax run's FLOP/s against the float32
+    matmul rate of this device timed in the same run (`bench/common.matmul_peak`).
+
+No weights are downloaded: random weights exercise the same arithmetic as the released checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT]
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import numpy as np  # noqa: E402
+
+from bench.common import load, matmul_peak, median_time  # noqa: E402
+
+ARCHS = ('resnet50_irmac', 'dino_vits16', 'clip_vitl14', 'ast')
+UNIT = {'ast': 'segments'}
+
+
+def example_input(arch, mod, config, batch, rng):
+  """A raw model input batch (uint8 frames, or normalised fbank features for AST)."""
+  if arch == 'ast':
+    return rng.normal(size=(batch, config.max_length, config.num_mel_bins)).astype(np.float32)
+  size = getattr(config, 'image_size', 224)
+  return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
+def bench_reference(arch, config, seed):
+  """(torch fn on the preprocessed NHWC / fbank batch -> NumPy, state_dict in the checkpoint layout, converter
+  extras): the full-size PyTorch module of backbones/<arch>_torch.py."""
+  import torch
+  from backbones import ast_torch, clip_torch, dino_torch, resnet_torch
+  if arch == 'resnet50_irmac':
+    module, sd = resnet_torch.build(config, seed=seed)
+
+    def fn(x):
+      with torch.no_grad():
+        return module(torch.from_numpy(np.array(x, np.float32))).double().numpy()
+    return fn, sd, {'pca': module.pca, 'pca_dims': config.pca_dims}
+  build, layout = {'dino_vits16': (dino_torch.build, 'official'), 'clip_vitl14': (clip_torch.build, 'openai'),
+                   'ast': (ast_torch.build, 'hub')}[arch]
+  fn, sd = build(config, seed=seed, layout=layout)
+  return fn, sd, {}
+
+
+def flops(mod, config):
+  for name in ('flops_per_frame', 'flops_per_image', 'flops_per_segment'):
+    if hasattr(mod, name):
+      return float(getattr(mod, name)(config))
+  return float('nan')
+
+
+def bench_arch(arch, a, out):
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from backbones import registry
+  mod = registry.module(arch)
+  config = mod.Config.full()
+  torch_fn, state_dict, extra = bench_reference(arch, config, a.seed)
+  params, config = mod.convert(state_dict, where=f'{arch} (random full-size)', **extra)
+  rng = np.random.default_rng(a.seed)
+  raw = example_input(arch, mod, config, a.batch if arch != 'ast' else a.audio_batch, rng)
+  x = np.asarray(mod.preprocess(jnp.asarray(raw), config), np.float32)
+  dtype = jnp.dtype(a.dtype)
+  model = mod.Model(config, dtype=dtype)
+  fn = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  params_dev = jax.device_put(params)
+  x_dev = jax.device_put(x)
+  with jax.default_matmul_precision('highest' if a.dtype == 'float32' else 'default'):
+    got = np.asarray(fn(params_dev, x_dev), np.float64)
+    jax_t, _ = median_time(lambda: fn(params_dev, x_dev).block_until_ready(), steps=a.steps)
+  torch.set_num_threads(a.torch_threads or torch.get_num_threads())
+  with torch.no_grad():
+    want = np.asarray(torch_fn(x), np.float64)
+    torch_fn(x)
+    torch_t, _ = median_time(lambda: torch_fn(x), steps=a.steps)
+  got2, want2 = got.reshape(len(x), -1), want.reshape(len(x), -1)
+  rel = float(np.abs(got2 - want2).max() / np.abs(want2).max())
+  cos = float(np.min(np.sum(got2 * want2, 1) / np.linalg.norm(got2, axis=1) / np.linalg.norm(want2, axis=1)))
+  n = len(x)
+  f = flops(mod, config) * n
+  res = dict(arch=arch, batch=n, dtype=a.dtype, max_rel_err=rel, min_cosine=cos, unit=UNIT.get(arch, 'frames'),
+             jax_per_s=n / jax_t, torch_per_s=n / torch_t, ratio_jax_over_torch=torch_t / jax_t,
+             jax_gflops=f / jax_t / 1e9, torch_gflops=f / torch_t / 1e9, gflop_per_item=f / n / 1e9)
+  out.append(res)
+  print(f'{arch:15s} rel err {rel:.2e} (cos {cos:.7f})  JAX {res["jax_per_s"]:8.2f} {res["unit"]}/s  '
+        f'torch {res["torch_per_s"]:8.2f}/s  ratio {res["ratio_jax_over_torch"]:.2f}x  '
+        f'JAX {res["jax_gflops"]:.1f} GFLOP/s  [load {load()}]', flush=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--arch', default='all', help=f'one of {", ".join(ARCHS)} or all')
+  parser.add_argument('--batch', type=int, default=8, help='frames per batch (image backbones)')
+  parser.add_argument('--audio_batch', type=int, default=2, help='audio segments per batch (AST)')
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--torch_threads', type=int, default=0)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', default='', help='also write the results here')
+  a = parser.parse_args(argv)
+  import jax
+  archs = ARCHS if a.arch == 'all' else tuple(a.arch.split(','))
+  peak = matmul_peak(2048)
+  print(f'device {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, '
+        f'float32 matmul peak {peak / 1e9:.1f} GFLOP/s, load {load()}', flush=True)
+  out = []
+  for arch in archs:
+    bench_arch(arch, a, out)
+  for r in out:
+    r['fraction_of_matmul_peak'] = r['jax_gflops'] * 1e9 / peak
+  if a.json:
+    with open(a.json, 'w') as f:
+      json.dump({'peak_gflops': peak / 1e9, 'results': out, 'args': vars(a)}, f, indent=1)
+  return out
+
+
+if __name__ == '__main__':
+  main()
