@@ -160,3 +160,17 @@ def test_link_files_reads_as_one_file(tmp_path):
   np.testing.assert_array_equal(ff.read('v3'), np.full((3, 9, 4), 3, np.float32))
   with pytest.raises(feature_writer.OutputError, match="'v0' is in both"):
     feature_writer.link_files(str(tmp_path / 'dup.h5'), [parts[0], parts[0]])
+
+
+def test_run_stops_after_the_video_in_flight_and_keeps_what_was_done():
+  videos = [extraction.Video(f'v{i}', f'v{i}.mp4') for i in range(8)]
+  written = []
+
+  class Stop:
+    def requested(self, sync=True):
+      return len(written) >= 2
+
+  runner = extraction.PackedRunner(lambda x: x, 2)
+  stats = extraction.run(videos, lambda v: np.zeros((1, 1), np.float32), runner.add,
+                         lambda v, out: written.append(v.video_id), runner.flush, stop=Stop(), workers=1)
+  assert stats['stopped'] and written == ['v0', 'v1'] and stats['extracted'] == 2
