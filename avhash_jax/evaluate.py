@@ -235,6 +235,8 @@ def main(argv):
     return cli.fail('--config is required (configs/fcvid.py or configs/activitynet.py)')
   io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
   with cli.clear_errors():
+    from common_jax import distributed
+    distributed.maybe_initialize()
     m = evaluate(_CONFIG.value, workdir)
   ks = [int(k) for k in _CONFIG.value.ks]
   print(f'{m["dataset"]} {m["bits"]} bits: {m["num_queries"]} queries vs {m["num_database"]} database videos')

@@ -65,6 +65,8 @@ def main(argv=None) -> int:
 
 def extract(flags) -> int:
   import jax
+  from common_jax import distributed
+  distributed.maybe_initialize()   # multi-process launches only; sets the default host split
   num_shards = flags.num_shards or jax.process_count()
   shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
   videos = extraction.select_shard(extraction.read_video_list(flags.videos, flags.video_dir, flags.keep_extension),

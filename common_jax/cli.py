@@ -72,6 +72,8 @@ def run_training(train_fn, config, workdir: str, training_error, example: str):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   with clear_errors():
+    from common_jax import distributed
+    distributed.maybe_initialize()   # before any JAX backend starts; only on multi-process launches
     try:
       return train_fn(config, workdir)
     except training_error as e:

@@ -104,6 +104,8 @@ def main(argv=None) -> int:
 
 def extract(flags) -> int:
   import jax
+  from common_jax import distributed
+  distributed.maybe_initialize()   # multi-process launches only; sets the default host split
   from hapvr_jax import augment  # pylint: disable=g-import-not-at-top
   num_shards = flags.num_shards or jax.process_count()
   shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
