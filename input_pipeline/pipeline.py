@@ -1,11 +1,11 @@
 """The HAP-VR training input pipeline on feature shards (spec §10.3–10.5), with the Grain Dataset API.
 
-  MapDataset.range(len(store)) → shuffle → repeat (reshuffled every epoch) → [process_index::process_count]
+  MapDataset.range(len(store)) → shuffle → repeat (reshuffled every epoch)
     → random_map(SampleClips)   per source video: one segment, one weak and one strong view (uniformly), read
                                 both, weak crop / strong TT + crop (`temporal`), gather (+ black/noise bank)
     → batch(B)                  one loss group of B sources
     → random_map(MixGroup)      ViV option A on the strong clips, labels Y and M (`viv`)
-    → batch(G // process_count) → to_iter_dataset → [mp_prefetch(workers)]
+    → batch(G // process_count) → [process_index::process_count] → to_iter_dataset → [mp_prefetch(workers)]
 
 Each element of the MapDataset is a whole step batch, so `to_iter_dataset` prefetches whole batches:
 cfg.read_threads threads (default 4) and cfg.prefetch_batches batches ahead (default 4). Grain's defaults
@@ -18,12 +18,15 @@ One element (per process):
   y        float32 [G_local, 2B, 2B]             Y = 1[M Mᵀ > 0]
   m        float32 [G_local, 2B, B]
 
-Determinism: the shuffle seed is derived from `seed` alone (the same permutation on every process, so the
-process shards of one epoch are disjoint); the two random_map seeds are derived from (seed, process_index), so
-processes draw independent augmentations. Grain seeds each element's generator from (stage seed, element
-index), so the stream is a pure function of (store, cfg, seed, process_index, process_count), and
-`get_state()/set_state()` on the iterator resume exactly at the next batch. Transforms are top-level classes
-holding only the (picklable) store and plain config values: Grain workers are spawned processes.
+Determinism and process-count invariance: every stage is indexed globally (source i, group g) and seeded from
+`seed` alone, and the process split happens last, on chunks of G_local consecutive groups: process p of P holds
+chunks s·P + p of step s, i.e. the rows p·G_local .. (p+1)·G_local − 1 of the global step batch, which is where
+`jax.make_array_from_process_local_data` places them. The global batch of every step is therefore the same
+whatever the process count (tested: 2 processes = 1), and only the process's own chunks are ever computed
+(MapDataset is lazy). Grain seeds each element's generator from (stage seed, element index), so the stream is a
+pure function of (store, cfg, seed) and `get_state()/set_state()` on the iterator resume exactly at the next
+batch. Transforms are top-level classes holding only the (picklable) store and plain config values: Grain
+workers are spawned processes.
 
 Without a bank in the store, strong clips are built with `synthetic_frames=False` (TSD drops the segments it
 would have replaced with black/noise frames; see `temporal`).
@@ -131,21 +134,19 @@ def make_dataset(store, cfg, *, seed: int, process_index: int = 0, process_count
   if c['groups'] % process_count:
     raise ValueError(f'cfg.groups ({c["groups"]}) must be divisible by the process count ({process_count}): '
                      'each process builds cfg.groups // process_count whole loss groups')
-  videos = len(range(process_index, len(store), process_count))
-  if videos < c['sources_per_group']:
-    raise ValueError(f'the store has {len(store)} videos, {videos} for process {process_index} of '
-                     f'{process_count}: fewer than cfg.sources_per_group ({c["sources_per_group"]}) sources '
-                     'of one loss group; use a bigger store or a smaller cfg.sources_per_group')
+  if len(store) < c['sources_per_group']:
+    raise ValueError(f'the store has {len(store)} videos: fewer than cfg.sources_per_group '
+                     f'({c["sources_per_group"]}) sources of one loss group; use a bigger store or a smaller '
+                     'cfg.sources_per_group')
   if not 0 <= int(seed) < 2**32:
     raise ValueError(f'seed must be in [0, 2**32), got {seed}')
   ds = grain.MapDataset.range(len(store)).shuffle(seed=stage_seed(seed, 'shuffle'))
   ds = ds.repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.random_map(SampleClips(store, c['window'], c['tt_probs']),
-                     seed=stage_seed(seed, 'clips', process_index))
+  ds = ds.random_map(SampleClips(store, c['window'], c['tt_probs']), seed=stage_seed(seed, 'clips'))
   ds = ds.batch(c['sources_per_group'], drop_remainder=True)
-  ds = ds.random_map(MixGroup(c['viv_prob'], c['viv_lambda']), seed=stage_seed(seed, 'viv', process_index))
+  ds = ds.random_map(MixGroup(c['viv_prob'], c['viv_lambda']), seed=stage_seed(seed, 'viv'))
   ds = ds.batch(c['groups'] // process_count, drop_remainder=True)
+  ds = ds[process_index::process_count]
   out = ds.to_iter_dataset(grain.ReadOptions(num_threads=c['read_threads'],
                                              prefetch_buffer_size=c['prefetch_batches']))
   if int(c['workers']) > 0:
