@@ -88,7 +88,11 @@ def load_params(directory: str, step: Optional[int] = None):
     raise CheckpointError(f'{directory}: {CKPT_SUBDIR}/ holds no completed checkpoint step')
   # Restored without a target: the arrays land on the default device and are moved to the host here;
   # evaluation places the (small) parameter tree on its own mesh afterwards.
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  # A checkpoint written by several processes names devices this process does not have: such arrays land on
+  # this process's first device instead (the fallback), whatever topology wrote them.
+  fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(fallback_sharding=fallback)))['state']
   state = jax.tree.map(np.asarray, state)
   mngr.close()
   if 'params' not in state:

@@ -74,9 +74,15 @@ def _pair_maps(net, params, x):
 def _prepare_demo(config, workdir):
   from hapvr_jax import demo_data
   d = config.demo
-  data = demo_data.make_demo(os.path.join(workdir, 'demo_data'), dims=config.model.dims,
-                             window=config.data.window, train_videos=d.train_videos,
-                             num_queries=d.num_queries, num_database=d.num_database, seed=config.seed)
+  make = lambda: demo_data.make_demo(os.path.join(workdir, 'demo_data'), dims=config.model.dims,
+                                     window=config.data.window, train_videos=d.train_videos,
+                                     num_queries=d.num_queries, num_database=d.num_database, seed=config.seed)
+  if jax.process_count() > 1:   # one writer; the others reuse the completed data after the barrier
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      make()
+    multihost_utils.sync_global_devices('hapvr demo data written')
+  data = make()
   with config.unlocked():
     config.data.path = data['shards']
     config.eval.features, config.eval.annotations = data['features'], data['annotations']
@@ -107,7 +113,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                  where='config.model')
   mesh = mesh_lib.make_mesh(config.mesh)
   store, data_iter = _open_data(config, model_config)
-  evaluator = Evaluator(config.eval, model_config, mesh) if config.eval.features else None
+  # Evaluation runs on this process's devices (with several processes the engine splits the database blocks
+  # between them and combines the scores), never on the global training mesh.
+  eval_mesh = mesh if jax.process_count() == 1 else mesh_lib.make_mesh(devices=jax.local_devices())
+  evaluator = Evaluator(config.eval, model_config, eval_mesh) if config.eval.features else None
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, item_names=('state', 'data'))
   abstract = step_lib.abstract_state(model_config, config, mesh)

@@ -1,0 +1,82 @@
+"""Two JAX processes on 127.0.0.1 (jax.distributed, gloo collectives, 4 CPU devices each) run the HAP-VR demo
+training and its evaluations; each process reads its own chunks of every step's batch. Losses, metrics and the
+checkpoint must equal a single process with 8 devices."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+ARGS = ['--config=configs/vcdb.py:demo', f'--config.total_steps={STEPS}', '--config.log_every=1',
+        '--config.checkpoint_every=2', f'--config.eval_every={STEPS}', '--config.compilation_cache=',
+        '--config.demo.train_videos=64', '--config.demo.num_queries=4', '--config.demo.num_database=48']
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices, **extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_') and k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONPATH=ROOT, **extra)
+  return env
+
+
+def _launch(workdir, devices, **extra):
+  return subprocess.Popen([sys.executable, '-m', 'hapvr_jax.main', *ARGS, f'--workdir={workdir}'], cwd=ROOT,
+                          env=_env(devices, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs, timeout=400):
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail('a training process hung')
+    outs.append(out)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_processes_train_and_evaluate_like_one(tmp_path):
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  port = _free_port()
+  procs = [_launch(two, 4, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k), JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}')
+           for k in range(2)]
+  procs.append(_launch(one, 8))
+  _finish(procs)
+
+  train = [_jsonl(d / 'train.jsonl') for d in (one, two)]
+  assert [r['step'] for r in train[0]] == [r['step'] for r in train[1]] == list(range(1, STEPS + 1))
+  for a, b in zip(*train):
+    for k in ('loss', 'grad_norm', 'lr'):
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=f'step {a["step"]} {k}')
+  evals = [{(r['step'], r['model']): r['mAP'] for r in _jsonl(d / 'metrics.jsonl')} for d in (one, two)]
+  assert evals[0].keys() == evals[1].keys() and (STEPS, 'trained') in evals[0]
+  for k in evals[0]:
+    assert abs(evals[0][k] - evals[1][k]) < 1e-6, (k, evals)
+
+  from common_jax import checkpoint
+  import jax
+  pa, _ = checkpoint.load_params(str(one))
+  pb, _ = checkpoint.load_params(str(two))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=str(path))
+  assert sorted(os.listdir(two / 'ckpt')) == sorted(os.listdir(one / 'ckpt'))
