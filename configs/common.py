@@ -45,6 +45,8 @@ def hapvr_eval_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   c.progress = True
   c.mesh = (('data', -1),)
   c.compilation_cache = '~/.cache/hapvr_jax/xla'   # persistent XLA cache ('' = off): reruns skip compiling
+  c.resume = True            # keep partial results in WORKDIR/partial: a killed run's rerun continues where it stopped
+  c.save_every_s = 60.0      # how often the partial results are written (also on SIGTERM/SIGINT and at the end)
   c.engine = ml_collections.ConfigDict(dict(
       chunk_size=2048, fold_short_tail=True, bucket_ratio=1.25, query_bucket_ratio=1.5, min_bucket=8,
       query_block=16,

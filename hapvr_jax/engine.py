@@ -14,7 +14,9 @@ The original scores one (query, target, 2048-frame chunk) at a time in a Python 
   (hapvr_jax.model), so a padded pair scores exactly as the unpadded pair does;
 * features are streamed from the HDF5 file by a reader thread a few blocks ahead: memory stays bounded by
   the block sizes, whatever the size of the database;
-* a video's score is the mean of its chunk scores, as in the original.
+* a video's score is the mean of its chunk scores, as in the original;
+* at scale (hapvr_jax.engine_state): the partial sums are saved as the run goes and a rerun resumes them
+  exactly; several processes score interleaved blocks on their own devices and add their sums at the end.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import jax
@@ -31,6 +33,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common_jax import mesh as mesh_lib
+from hapvr_jax import engine_state as state_lib
 from hapvr_jax import similarity as sim_lib
 from hapvr_jax.features import FeatureFile
 from hapvr_jax.model import ModelConfig, SimilarityNetwork
@@ -209,77 +212,94 @@ class Engine:
       blocks += [(length, its[s:s + n], n) for s in range(0, len(its), n)]
     return blocks
 
-  def _reader(self, ff: FeatureFile, db_ids, blocks, out: queue.Queue, stop: threading.Event):
-    try:
-      cache_id, cache = None, None
-      for length, its, n in blocks:
-        feats, lens = None, np.zeros(n, np.int32)
-        for j, (v, s, e) in enumerate(its):
-          if cache_id != v:
-            cache_id, cache = v, ff.read(db_ids[v])
-          if feats is None:
-            feats = np.zeros((n, length) + cache.shape[1:], np.float32)
-          feats[j, :e - s] = cache[s:e]
-          lens[j] = e - s
-        lens[len(its):] = length   # padding targets: zero features, discarded afterwards
-        while not stop.is_set():
-          try:
-            out.put((its, feats, lens), timeout=0.5)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
-          return
-      out.put(None)
-    except BaseException as e:  # surface reader errors (bad features) in the main thread
-      out.put(e)
+  def score(self, ff: FeatureFile, query_ids: Sequence[str], db_ids: Sequence[str], progress: bool = True, *,
+            state_dir: Optional[str] = None, save_every_s: float = 60.0, stop: Optional[Callable[[], bool]] = None,
+            process_index: Optional[int] = None, process_count: Optional[int] = None,
+            combine: Optional[Callable] = None, log_every_s: float = 30.0) -> np.ndarray:
+    """Similarity [len(query_ids), len(db_ids)] (float32), as the original evaluation would compute it.
 
-  def score(self, ff: FeatureFile, query_ids: Sequence[str], db_ids: Sequence[str],
-            progress: bool = True) -> np.ndarray:
-    """Similarity [len(query_ids), len(db_ids)] (float32), as the original evaluation would compute it."""
+    state_dir: keep resumable partial results there (hapvr_jax.engine_state); a rerun with the same inputs
+      skips the finished blocks and returns exactly what an uninterrupted run returns.
+    stop: polled after every block; when it returns True the partial results are saved and
+      engine_state.Stopped is raised.
+    process_index / process_count / combine: this process scores blocks b % process_count == process_index
+      (default: jax's process index and count; the mesh must hold only this process's devices), then
+      `combine(sums, counts)` returns the sums and counts of all processes (default: an all-gather, or nothing
+      on one process). Tests pass them to run the processes one after another in one interpreter.
+    """
     t0 = time.time()
+    k = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if jax.process_count() > 1 and any(d.process_index != jax.process_index() for d in self.mesh.devices.flat):
+      raise ValueError('with several processes the engine scores its own blocks on a mesh of its own devices: '
+                       'build it with mesh_lib.make_mesh(spec, devices=jax.local_devices())')
+    if combine is None:
+      combine = state_lib.allgather_sum if n > 1 else (lambda s, c: (s, c))
     chunks = self.index_queries([ff.read(q) for q in query_ids])
     lengths = ff.lengths(db_ids)
     blocks = self.plan(lengths, chunks)
     sums = np.zeros((len(query_ids), len(db_ids)), np.float64)
     counts = np.zeros(len(db_ids), np.int64)
-    n_items = sum(len(its) for _, its, _ in blocks)
-    bar = None
-    if progress:
-      from tqdm import tqdm
-      bar = tqdm(total=n_items * len(query_ids), unit='pair', unit_scale=True, smoothing=0.05,
-                 desc='query x database', dynamic_ncols=True)
+    done, partial, restored = set(), None, None
+    if state_dir:
+      partial, restored = state_lib.open_partial(state_dir, k, n, self, ff.path, query_ids, db_ids, blocks)
+    if restored is not None:
+      sums, counts, done = restored
+    mine = [b for b in range(len(blocks)) if b % n == k]
+    todo = [b for b in mine if b not in done]
+    pairs_of = lambda bs: sum(len(blocks[b][1]) for b in bs) * len(query_ids)
+    bar = state_lib.Progress(pairs_of(mine), pairs_of(mine) - pairs_of(todo), progress,
+                             'query x database' + (f' [process {k}/{n}]' if n > 1 else ''), log_every_s)
     q = queue.Queue(maxsize=max(1, self.config.prefetch_blocks))
-    stop = threading.Event()
-    reader = threading.Thread(target=self._reader, args=(ff, list(db_ids), blocks, q, stop), daemon=True)
+    halt = threading.Event()
+    reader = threading.Thread(target=state_lib.read_blocks, daemon=True,
+                              args=(ff, list(db_ids), [blocks[b] for b in todo], q, halt))
     reader.start()
     try:
-      while True:
+      for b in todo:
         got = q.get()
-        if got is None:
-          break
-        if isinstance(got, BaseException):
+        if isinstance(got, BaseException):   # nothing half-added: the sums so far are worth keeping
+          if partial is not None:
+            partial.save(sums, counts, done)
           raise got
-        its, feats, lens = got
-        t = jax.device_put(feats, self._target_sharding)
-        tl = jax.device_put(lens, self._len_sharding)
-        t = self._index(self.params, t, tl)
-        results = [(ch, ch.fn(self.params, ch.flat, t, tl)) for ch in chunks]
-        video = np.array([v for v, _, _ in its])
-        for ch, res in results:
-          res = np.asarray(res, np.float64)[:, :len(its)]
-          np.add.at(sums, (ch.rows[:, None], video[None, :]), res)
-        np.add.at(counts, video, 1)
-        if bar is not None:
-          bar.update(len(its) * len(query_ids))
+        self._add_block(chunks, *got, sums, counts)
+        done.add(b)
+        bar.update(len(got[0]) * len(query_ids))
+        if stop is not None and stop():
+          if partial is not None:
+            partial.save(sums, counts, done)
+          raise state_lib.Stopped(f'stopped after {bar.done:,} of {bar.total:,} pairs' +
+                                  (f'; partial results saved in {state_dir}' if partial is not None else ''))
+        if partial is not None and time.time() - partial.saved_at >= save_every_s:
+          partial.save(sums, counts, done)
     finally:
-      stop.set()
-      if bar is not None:
-        bar.close()
-    if np.any(counts == 0):
-      raise RuntimeError('internal error: some database videos were not scored')
+      halt.set()
+      bar.close()
+    if partial is not None:
+      partial.save(sums, counts, done)
+    rate = bar.rate()
+    sums, counts = combine(sums, counts)
+    expected = [len(split_chunks(int(x), self.config.chunk_size, self.config.fold_short_tail)) for x in lengths]
+    if not np.array_equal(counts, expected):
+      raise RuntimeError('internal error: database chunks were scored 0 or several times (with several '
+                         'processes: do all of them have the same number of local devices?)')
     seconds = time.time() - t0
+    n_items = sum(len(its) for _, its, _ in blocks)
+    scored = pairs_of(todo) / max(pairs_of(mine), 1)   # this session's share of the work (resumed: less)
     self.stats = {'pairs': int(len(query_ids) * len(db_ids)), 'chunk_pairs': int(n_items * len(query_ids)),
-                  'blocks': len(blocks), 'seconds': seconds,
-                  'pairs_per_second': len(query_ids) * len(db_ids) / max(seconds, 1e-9)}
+                  'blocks': len(blocks), 'blocks_resumed': len(mine) - len(todo), 'blocks_scored': len(todo),
+                  'processes': n, 'seconds': seconds, 'chunk_pairs_per_second_this_process': rate,
+                  'pairs_per_second': scored * len(query_ids) * len(db_ids) / max(seconds, 1e-9)}
     return (sums / counts[None, :]).astype(np.float32)
+
+  def _add_block(self, chunks, its, feats, lens, sums, counts) -> None:
+    """Scores one block against every query chunk and adds it to the float64 sums (always in plan order)."""
+    t = jax.device_put(feats, self._target_sharding)
+    tl = jax.device_put(lens, self._len_sharding)
+    t = self._index(self.params, t, tl)
+    results = [(ch, ch.fn(self.params, ch.flat, t, tl)) for ch in chunks]
+    video = np.array([v for v, _, _ in its])
+    host = [(ch, np.asarray(res, np.float64)[:, :len(its)]) for ch, res in results]   # all before adding
+    for ch, res in host:
+      np.add.at(sums, (ch.rows[:, None], video[None, :]), res)
+    np.add.at(counts, video, 1)

@@ -8,10 +8,18 @@ Writes OUT/metrics.json (the original's metric names), OUT/pr_curves.png and, wi
 The database is the set of benchmark ids present in the feature file; queries missing from it are counted
 and reported. Any bad input ends the run with one error line naming the culprit and exit code 2; results of
 a failed run are never left behind (every output is written to a temporary name and renamed at the end).
+
+Resumable: the engine keeps its partial sums in OUT/partial (saved every config.save_every_s seconds and on
+SIGTERM/SIGINT, which end the run cleanly); rerunning the same command skips the finished work and gives the
+same scores as an uninterrupted run. A partial from other inputs (ids, checkpoint, features, engine config,
+device count) is refused with one error line naming what changed. OUT/partial is removed once the outputs
+are written. On several processes (jax.distributed, see common_jax.distributed) every process scores its
+share of the database on its own devices, the sums are added, and process 0 writes the outputs.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 from absl import flags
@@ -47,16 +55,21 @@ def load_model(config):
 
 
 def evaluate(config, workdir: str) -> dict:
+  """Scores, metrics and outputs. Raises engine_state.Stopped (partial results kept) on SIGTERM/SIGINT."""
   import jax
-  from common_jax import mesh as mesh_lib
-  from hapvr_jax import benchmarks, engine as engine_lib, features as features_lib
+  from common_jax import mesh as mesh_lib, preemption
+  from hapvr_jax import benchmarks, engine as engine_lib, engine_state, features as features_lib
 
   os.makedirs(workdir, exist_ok=True)
+  multi, writer = jax.process_count() > 1, jax.process_index() == 0
   if config.demo.enabled:
     from hapvr_jax import synthetic
-    data = synthetic.make_fivr_corpus(os.path.join(workdir, 'demo_data'), config.demo.num_queries,
-                                      config.demo.num_database, seed=config.demo.seed)
-    config.features, config.annotations = data['features'], data['annotations']
+    data_dir = os.path.join(workdir, 'demo_data')
+    if writer:   # one writer; the others read the finished corpus after the barrier
+      synthetic.make_fivr_corpus(data_dir, config.demo.num_queries, config.demo.num_database,
+                                 seed=config.demo.seed)
+    _barrier(multi, 'hapvr demo data written')
+    config.features, config.annotations = os.path.join(data_dir, 'features.hdf5'), data_dir
   for key in ('features', 'annotations'):
     if not config[key]:
       raise cli.UsageError(f'config.{key} is empty')
@@ -65,32 +78,56 @@ def evaluate(config, workdir: str) -> dict:
   ff, queries, database = features_lib.open_split(bench, config.features, model_config)
 
   cli.enable_compilation_cache(config.compilation_cache)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  engine = engine_lib.Engine(model_config, params, mesh, engine_lib.EngineConfig(**config.engine.to_dict()))
-  scores = engine.score(ff, queries, database, progress=config.progress)
-  metrics = bench.evaluate(scores, queries, database)
-  metrics.update({
-      'dataset': bench.name, 'features': os.path.abspath(config.features),
-      'checkpoint': os.path.abspath(config.checkpoint) if config.checkpoint else 'fresh init (demo)',
-      'min_len': model_config.min_len, 'pairs': engine.stats['pairs'], 'seconds': engine.stats['seconds'],
-      'pairs_per_second': engine.stats['pairs_per_second'], 'devices': jax.device_count(),
-      'synthetic_demo': bool(config.demo.enabled)})
-  if config.demo.enabled:  # the raw-feature baseline on the same data
-    base = engine_lib.Engine(model_config, params, mesh,
-                             engine_lib.EngineConfig(**{**config.engine.to_dict(), 'features_only': True}))
-    base_metrics = bench.evaluate(base.score(ff, queries, database, progress=config.progress), queries, database)
-    metrics.update({f'baseline_features_only/{k}': v for k, v in base_metrics.items()
-                    if isinstance(v, float)})
+  mesh = mesh_lib.make_mesh(config.mesh, devices=jax.local_devices() if multi else None)
+  state_dir = os.path.join(workdir, 'partial')
+  stop = preemption.StopSignal()
 
-  if config.store_similarities:
-    sims = {q: {d: float(s) for d, s in zip(database, row)} for q, row in zip(queries, scores)}
-    io_util.write_pickle(os.path.join(workdir, 'similarities.pk'), sims)
-  if config.plots:
-    curves = bench.pr_curves(scores, queries, database) if hasattr(bench, 'pr_curves') else None
-    if curves:
-      benchmarks.plot_pr_curves(curves, os.path.join(workdir, 'pr_curves.png'))
-  io_util.write_json(os.path.join(workdir, 'metrics.json'), metrics)
+  def score(engine_config, name):
+    engine = engine_lib.Engine(model_config, params, mesh, engine_lib.EngineConfig(**engine_config))
+    try:
+      out = engine.score(ff, queries, database, progress=config.progress, save_every_s=config.save_every_s,
+                         state_dir=os.path.join(state_dir, name) if config.resume else None,
+                         stop=lambda: stop.requested(sync=False))
+    except engine_state.Stopped as e:
+      raise engine_state.Stopped(f'stopped by {stop.signal_name}: {e}') from None
+    return engine, out
+
+  try:
+    engine, scores = score(config.engine.to_dict(), 'model')
+    metrics = bench.evaluate(scores, queries, database)
+    metrics.update({
+        'dataset': bench.name, 'features': os.path.abspath(config.features),
+        'checkpoint': os.path.abspath(config.checkpoint) if config.checkpoint else 'fresh init (demo)',
+        'min_len': model_config.min_len, 'pairs': engine.stats['pairs'], 'seconds': engine.stats['seconds'],
+        'pairs_per_second': engine.stats['pairs_per_second'], 'devices': jax.device_count(),
+        'processes': jax.process_count(), 'resumed_blocks': engine.stats['blocks_resumed'],
+        'synthetic_demo': bool(config.demo.enabled)})
+    if config.demo.enabled:  # the raw-feature baseline on the same data
+      _, base_scores = score({**config.engine.to_dict(), 'features_only': True}, 'baseline_features_only')
+      base_metrics = bench.evaluate(base_scores, queries, database)
+      metrics.update({f'baseline_features_only/{k}': v for k, v in base_metrics.items()
+                      if isinstance(v, float)})
+  finally:
+    stop.restore()
+
+  if writer:
+    if config.store_similarities:
+      sims = {q: {d: float(s) for d, s in zip(database, row)} for q, row in zip(queries, scores)}
+      io_util.write_pickle(os.path.join(workdir, 'similarities.pk'), sims)
+    if config.plots:
+      curves = bench.pr_curves(scores, queries, database) if hasattr(bench, 'pr_curves') else None
+      if curves:
+        benchmarks.plot_pr_curves(curves, os.path.join(workdir, 'pr_curves.png'))
+    io_util.write_json(os.path.join(workdir, 'metrics.json'), metrics)
+  _barrier(multi, 'hapvr evaluation outputs written')   # no partial is dropped before the outputs exist
+  shutil.rmtree(state_dir, ignore_errors=True)
   return metrics
+
+
+def _barrier(multi: bool, name: str) -> None:
+  if multi:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def main(argv):
@@ -101,8 +138,18 @@ def main(argv):
   # A failed run must not leave an earlier run's results looking like its own.
   io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
   t0 = time.time()
+  from common_jax import distributed
+  from hapvr_jax import engine_state
   with cli.clear_errors():
-    metrics = evaluate(_CONFIG.value, workdir)
+    distributed.maybe_initialize()
+    try:
+      metrics = evaluate(_CONFIG.value, workdir)
+    except engine_state.Stopped as e:
+      print(f'{e}; rerun the same command to resume', flush=True)
+      return 0
+  import jax
+  if jax.process_index() != 0:
+    return 0
   shown = {k: v for k, v in metrics.items() if isinstance(v, float) and '/' not in k}
   print(f'{metrics["dataset"]}: ' + '  '.join(f'{k}={v:.4f}' for k, v in sorted(shown.items())
                                                 if k not in ('seconds', 'pairs_per_second')))
