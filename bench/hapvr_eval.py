@@ -95,6 +95,11 @@ def main():
   p.add_argument('--memory_budget_mb', type=int, default=1024)
   p.add_argument('--bucket_ratio', type=float, default=1.25)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='engine compute dtype; other than float32, its accuracy cost against a float32 engine '
+                 'on the same pairs is printed')
+  p.add_argument('--precision', default='highest', choices=('highest', 'default'),
+                 help="engine matmul precision ('default' = TF32/bf16 passes on GPU/TPU)")
   a = p.parse_args()
 
   import jax
@@ -137,7 +142,7 @@ def main():
   # --- engine --------------------------------------------------------------------------------------------
   mesh = mesh_lib.make_mesh()
   eng = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(
-      memory_budget_mb=a.memory_budget_mb, bucket_ratio=a.bucket_ratio))
+      memory_budget_mb=a.memory_budget_mb, bucket_ratio=a.bucket_ratio, dtype=a.dtype, precision=a.precision))
   eng.score(ff, qids, dids, progress=False)
   cold = eng.stats['seconds']
   scores = eng.score(ff, qids, dids, progress=False)
@@ -169,6 +174,16 @@ def main():
   print(f'max |engine - baseline| over the {len(base_scores)} baseline pairs: {diff:.2e}')
   print(f'engine useful FLOP rate: {useful / warm / 1e9:.1f} GFLOP/s; plain float32 matmul on this device: '
         f'{peak / 1e9:.1f} GFLOP/s; ratio {useful / warm / peak:.2f}')
+  if a.dtype != 'float32' or a.precision != 'highest':
+    ref_scores = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(
+        memory_budget_mb=a.memory_budget_mb, bucket_ratio=a.bucket_ratio)).score(ff, qids, dids, progress=False)
+    d = np.abs(scores - ref_scores)
+    top1 = np.mean(np.argmax(scores, 1) == np.argmax(ref_scores, 1))
+    order = lambda s: np.argsort(-s, axis=1, kind='stable')[:, :10]
+    top10 = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(order(scores), order(ref_scores))])
+    print(f'accuracy cost of dtype={a.dtype} precision={a.precision} vs float32/highest: max |d score| '
+          f'{d.max():.2e}, mean {d.mean():.2e} (scores span {ref_scores.min():.2f}..{ref_scores.max():.2f}); '
+          f'same top-1 for {100 * top1:.0f}% of queries, top-10 overlap {100 * top10:.1f}%')
   print(f'one {nq}x{nb} block at {L} frames: f2f {t_f2f * 1e3:.0f} ms ({100 * t_f2f / (t_f2f + t_cnn):.0f}%), '
         f'CNN {t_cnn * 1e3:.0f} ms ({100 * t_cnn / (t_f2f + t_cnn):.0f}%)')
 

@@ -53,11 +53,16 @@ class EngineConfig:
   max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
   max_block_targets: int = 256    # targets per jitted call, at most
   memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block
-  precision: str = 'highest'      # matmul/conv precision: 'highest' (float32 parity) or 'default'
+  precision: str = 'highest'      # matmul/conv precision: 'highest' (float32 parity) or 'default' (TF32/bf16
+                                  # passes on GPUs and TPUs)
+  dtype: str = 'float32'          # compute dtype of the network: 'float32' or 'bfloat16' (accuracy cost:
+                                  # bench/hapvr_eval.py --dtype=bfloat16; docs/performance.md)
   features_only: bool = False     # the original's features_only mode: no comparator CNN
   prefetch_blocks: int = 2
 
   def __post_init__(self):
+    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f'engine.dtype={self.dtype!r}; expected float32 or bfloat16')
     if self.precision not in PRECISIONS:
       raise ValueError(f'engine.precision={self.precision!r}; expected one of {sorted(PRECISIONS)}')
     if self.bucket_ratio <= 1.0 or self.query_bucket_ratio <= 1.0:
@@ -101,13 +106,15 @@ class Engine:
     self.config = config
     self.mesh = mesh
     self.n_shards = mesh_lib.batch_size_multiple(mesh)
-    self.net = SimilarityNetwork(model_config, precision=PRECISIONS[config.precision])
+    dtype = jnp.dtype(config.dtype)
+    self.net = SimilarityNetwork(model_config, dtype=dtype, precision=PRECISIONS[config.precision])
     self.params = jax.device_put(params, mesh_lib.replicated(mesh))
     self._target_sharding = mesh_lib.batch_sharding(mesh, 0, 4)
     self._len_sharding = mesh_lib.batch_sharding(mesh, 0, 1)
     self._out_sharding = NamedSharding(mesh, P(None, *self._len_sharding.spec))
     net = self.net
-    self._index = jax.jit(lambda p, x, n: net.apply({'params': p}, x, n, method=SimilarityNetwork.index_video))
+    self._index = jax.jit(lambda p, x, n: net.apply({'params': p}, x.astype(dtype), n,
+                                                    method=SimilarityNetwork.index_video))
     self.stats = {}
     self._fns = {}
 

@@ -94,6 +94,21 @@ def test_features_only_mode(feature_file, network):
     np.testing.assert_allclose(scores[0, j], ref[0, 0], atol=1e-5)
 
 
+def test_bfloat16_engine_is_close_to_float32(feature_file, network):
+  """The bf16 option changes scores by bf16 rounding only (a wrong cast or a dropped mask would not)."""
+  cfg, params = network
+  ff = features_lib.FeatureFile(feature_file, dims=64, min_len=8)
+  mesh = mesh_lib.make_mesh((('data', 2),), jax.devices()[:2])
+  make = lambda dtype: engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(dtype=dtype))
+  db = ['d1', 'd5', 'd9']
+  ref, low = make('float32').score(ff, ['q2'], db, progress=False), make('bfloat16').score(ff, ['q2'], db,
+                                                                                          progress=False)
+  assert low.dtype == np.float32 and np.abs(low - ref).max() < 0.05, (low, ref)
+  assert np.abs(low - ref).max() > 0            # it did compute in bf16
+  with pytest.raises(ValueError, match='engine.dtype'):
+    engine_lib.EngineConfig(dtype='float16')
+
+
 def test_min_len_tiling_doubles_like_the_original(feature_file):
   ff = features_lib.FeatureFile(feature_file, dims=64, min_len=8)
   x = ff.read('q0')                       # 3 frames -> 6 -> 12
