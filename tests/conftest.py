@@ -5,6 +5,11 @@ import sys
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent XLA compilation cache for the whole run (xdist workers and the subprocesses tests start):
+# many tests compile the same tiny steps and engines; on this 2-core CI that is most of the suite's time.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    __import__('tempfile').gettempdir(), 'hapvr_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -24,7 +24,8 @@ def _free_port():
 
 
 def _env(devices, **extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_') and k != 'XLA_FLAGS'}
+  env = {k: v for k, v in os.environ.items()
+         if not (k.startswith('JAX_') and 'CACHE' not in k) and k != 'XLA_FLAGS'}
   env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              PYTHONPATH=ROOT, **extra)
   return env
