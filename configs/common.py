@@ -50,7 +50,7 @@ def hapvr_eval_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   c.engine = ml_collections.ConfigDict(dict(
       chunk_size=2048, fold_short_tail=True, bucket_ratio=1.25, query_bucket_ratio=1.5, min_bucket=8,
       query_block=16,
-      max_block_targets=256, memory_budget_mb=1024, precision='highest', features_only=False,
+      max_block_targets=256, memory_budget_mb=1024, precision='highest', dtype='float32', features_only=False,
       prefetch_blocks=2))
   # The self-contained demo: a synthetic FIVR-format corpus written to WORKDIR/demo_data, scored with a
   # freshly initialised network and with the raw-feature (features_only) baseline. Synthetic data, labelled so.
