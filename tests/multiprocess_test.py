@@ -31,9 +31,15 @@ def _env(devices, **extra):
   return env
 
 
-def _launch(workdir, devices, **extra):
-  return subprocess.Popen([sys.executable, '-m', 'hapvr_jax.main', *ARGS, f'--workdir={workdir}'], cwd=ROOT,
+def _launch(workdir, devices, module='hapvr_jax.main', args=ARGS, **extra):
+  return subprocess.Popen([sys.executable, '-m', module, *args, f'--workdir={workdir}'], cwd=ROOT,
                           env=_env(devices, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _two(workdir, **kw):
+  port = _free_port()
+  return [_launch(workdir, 4, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k),
+                  JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', **kw) for k in range(2)]
 
 
 def _finish(procs, timeout=400):
@@ -58,11 +64,7 @@ def _jsonl(path):
 
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
-  port = _free_port()
-  procs = [_launch(two, 4, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k), JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}')
-           for k in range(2)]
-  procs.append(_launch(one, 8))
-  _finish(procs)
+  _finish(_two(two) + [_launch(one, 8)])
 
   train = [_jsonl(d / 'train.jsonl') for d in (one, two)]
   assert [r['step'] for r in train[0]] == [r['step'] for r in train[1]] == list(range(1, STEPS + 1))
@@ -81,3 +83,16 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=str(path))
   assert sorted(os.listdir(two / 'ckpt')) == sorted(os.listdir(one / 'ckpt'))
+
+  # The evaluation CLI on two processes (each scores half of the database blocks on its own devices) loads the
+  # checkpoint both processes wrote and reproduces the single-process evaluation run during training.
+  data = one / 'demo_data' / 'eval'
+  evaluation = tmp_path / 'eval'
+  _finish(_two(evaluation, module='hapvr_jax.evaluate', args=[
+      '--config=configs/fivr_5k.py', f'--config.checkpoint={two}', f'--config.features={data / "features.hdf5"}',
+      f'--config.annotations={data}', '--config.compilation_cache=', '--config.progress=False']))
+  with open(evaluation / 'metrics.json') as f:
+    metrics = json.load(f)
+  assert metrics['processes'] == 2
+  assert abs(metrics['DSVR'] - evals[0][(STEPS, 'trained')]) < 1e-6, (metrics, evals[0])
+  assert not (evaluation / 'partial').exists()
