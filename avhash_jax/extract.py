@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from backbones import fbank, registry
-from common_jax import cli, preemption
+from common_jax import cli
 from input_pipeline import extraction, feature_writer, video_io
 
 SEGMENTS = 25
@@ -42,9 +42,6 @@ def audio_inputs(wave: np.ndarray, times: np.ndarray, mode: str, window: float, 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--videos', default='', help='list file: "path" or "id<TAB>path" per line')
-  parser.add_argument('--video_dir', default='', help='or: every video file in this folder')
-  parser.add_argument('--keep_extension', action='store_true', help='ids keep the file extension')
   parser.add_argument('--clip', required=True, help='converted clip_vitl14 directory')
   parser.add_argument('--ast', required=True, help='converted ast directory')
   parser.add_argument('--image_output', required=True, help='HDF5 file of CLIP features')
@@ -54,23 +51,14 @@ def main(argv=None) -> int:
   parser.add_argument('--no_audio', choices=('zeros', 'fail'), default='zeros')
   parser.add_argument('--batch_size', type=int, default=100, help='frames per CLIP batch')
   parser.add_argument('--audio_batch_size', type=int, default=50, help='segments per AST batch')
-  parser.add_argument('--workers', type=int, default=4, help='decoding threads')
-  parser.add_argument('--num_shards', type=int, default=None)
-  parser.add_argument('--shard_index', type=int, default=None)
-  parser.add_argument('--strict', action='store_true', help='exit 1 if any video failed')
+  extraction.add_flags(parser)
   flags = parser.parse_args(argv)
   with cli.clear_errors():
     return extract(flags)
 
 
 def extract(flags) -> int:
-  import jax
-  from common_jax import distributed
-  distributed.maybe_initialize()   # multi-process launches only; sets the default host split
-  num_shards = flags.num_shards or jax.process_count()
-  shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
-  videos = extraction.select_shard(extraction.read_video_list(flags.videos, flags.video_dir, flags.keep_extension),
-                                   num_shards, shard_index)
+  videos, num_shards, shard_index = extraction.this_host(flags)
   paths = {'image': extraction.shard_path(flags.image_output, num_shards, shard_index),
            'audio': extraction.shard_path(flags.audio_output, num_shards, shard_index)}
   if paths['image'] == paths['audio']:
@@ -124,16 +112,9 @@ def extract(flags) -> int:
         name: (lambda f, x=x.astype(np.float32): f.create_group(video.video_id).create_dataset('vectors', data=x))
         for name, x in out.items()})
 
-  stop = preemption.StopSignal()
-  try:
-    stats = extraction.run(videos, decode, compute, write, flush, done=writer.done, failures=failures,
-                           workers=flags.workers, stop=stop, desc='avhash features')
-  finally:
-    stop.restore()
-  failures.write()
-  if stats['stopped']:
-    writer.close()
-    print(f'stopped by {stop.signal_name}: {stats["extracted"]} videos written, rerun the command to resume')
+  stats = extraction.run_resumable(videos, writer, failures, decode, compute, write, flush, flags.workers,
+                                   'avhash features')
+  if stats is None:
     return 0
   writer.commit()
   print(json.dumps({**paths, **stats, 'no_audio_zero_vectors': len(silent), 'failures': failures.summary()}))

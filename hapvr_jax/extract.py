@@ -30,7 +30,7 @@ import zlib
 import numpy as np
 
 from backbones import registry
-from common_jax import cli, preemption
+from common_jax import cli
 from input_pipeline import extraction, feature_writer, video_io
 
 SEGMENT_FRAMES = 56
@@ -75,9 +75,6 @@ def _list_files(folder: str, pattern: str):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--mode', choices=('eval', 'train'), default='eval')
-  parser.add_argument('--videos', default='', help='list file: "path" or "id<TAB>path" per line')
-  parser.add_argument('--video_dir', default='', help='or: every video file in this folder')
-  parser.add_argument('--keep_extension', action='store_true', help='ids keep the file extension (SVD)')
   parser.add_argument('--output', required=True, help='HDF5 file to write (per host: -0000k-of-0000n added)')
   parser.add_argument('--resnet', required=True, help='converted resnet50_irmac (with PCA) directory')
   parser.add_argument('--dino', default='', help='converted dino_vits16 directory (train mode)')
@@ -93,24 +90,15 @@ def main(argv=None) -> int:
   parser.add_argument('--fps', type=float, default=1.0)
   parser.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='eval features dtype')
   parser.add_argument('--batch_size', type=int, default=128, help='frames per accelerator batch')
-  parser.add_argument('--workers', type=int, default=4, help='decoding threads')
-  parser.add_argument('--num_shards', type=int, default=None)
-  parser.add_argument('--shard_index', type=int, default=None)
-  parser.add_argument('--strict', action='store_true', help='exit 1 if any video failed')
+  extraction.add_flags(parser)
   flags = parser.parse_args(argv)
   with cli.clear_errors():
     return extract(flags)
 
 
 def extract(flags) -> int:
-  import jax
-  from common_jax import distributed
-  distributed.maybe_initialize()   # multi-process launches only; sets the default host split
   from hapvr_jax import augment  # pylint: disable=g-import-not-at-top
-  num_shards = flags.num_shards or jax.process_count()
-  shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
-  videos = extraction.select_shard(extraction.read_video_list(flags.videos, flags.video_dir, flags.keep_extension),
-                                   num_shards, shard_index)
+  videos, num_shards, shard_index = extraction.this_host(flags)
   output = extraction.shard_path(flags.output, num_shards, shard_index)
   train = flags.mode == 'train'
   if train and (not flags.dino or flags.views < 2 or flags.segments < 1):
@@ -171,16 +159,9 @@ def extract(flags) -> int:
                                        compression_opts=4)
     writer.write(video.video_id, {'features': put})
 
-  stop = preemption.StopSignal()
-  try:
-    stats = extraction.run(videos, decode, runner.add, write, runner.flush, done=writer.done, failures=failures,
-                           workers=flags.workers, stop=stop, desc=f'{flags.mode} features')
-  finally:
-    stop.restore()
-  failures.write()
-  if stats['stopped']:
-    writer.close()
-    print(f'stopped by {stop.signal_name}: {stats["extracted"]} videos written, rerun the command to resume')
+  stats = extraction.run_resumable(videos, writer, failures, decode, runner.add, write, runner.flush, flags.workers,
+                                   f'{flags.mode} features')
+  if stats is None:
     return 0
   if train and flags.bank_size and shard_index == 0:
     from input_pipeline.shard_format import save_bank  # pylint: disable=g-import-not-at-top

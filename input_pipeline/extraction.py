@@ -255,3 +255,46 @@ def frames_or_error(video: Video, frames: np.ndarray, what: str = 'frames') -> n
     raise ValueError(f'{video.path}: decoded {what} have shape {frames.shape} {frames.dtype}, expected '
                      'non-empty uint8 [T, H, W, 3]')
   return frames
+
+
+# ------------------------------------------------------------------------------- shared CLI pieces
+
+def add_flags(parser) -> None:
+  """The flags every extraction CLI has: the video collection, the host split, decoding threads, --strict."""
+  parser.add_argument('--videos', default='', help='list file: "path" or "id<TAB>path" per line')
+  parser.add_argument('--video_dir', default='', help='or: every video file in this folder')
+  parser.add_argument('--keep_extension', action='store_true', help='ids keep the file extension (SVD)')
+  parser.add_argument('--workers', type=int, default=4, help='decoding threads')
+  parser.add_argument('--num_shards', type=int, default=None, help='hosts sharing the collection (default: '
+                      'the JAX process count)')
+  parser.add_argument('--shard_index', type=int, default=None, help='this host (default: the JAX process index)')
+  parser.add_argument('--strict', action='store_true', help='exit 1 if any video failed')
+
+
+def this_host(flags):
+  """(this host's videos, num_shards, shard_index), after joining a multi-process launch if there is one."""
+  import jax
+  from common_jax import distributed
+  distributed.maybe_initialize()   # multi-process launches only; sets the default host split
+  num_shards = flags.num_shards or jax.process_count()
+  shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
+  videos = read_video_list(flags.videos, flags.video_dir, flags.keep_extension)
+  return select_shard(videos, num_shards, shard_index), num_shards, shard_index
+
+
+def run_resumable(videos, writer, failures: FailureLog, decode, compute, write, flush, workers: int, desc: str):
+  """`run` under a SIGTERM/SIGINT handler; writes the failure log. Returns the stats, or None after a stop
+  (the writer is then closed with its partial files kept, and the message says how to resume)."""
+  from common_jax import preemption
+  stop = preemption.StopSignal()
+  try:
+    stats = run(videos, decode, compute, write, flush, done=writer.done, failures=failures, workers=workers,
+                stop=stop, desc=desc)
+  finally:
+    stop.restore()
+  failures.write()
+  if stats['stopped']:
+    writer.close()
+    print(f'stopped by {stop.signal_name}: {stats["extracted"]} videos written, rerun the command to resume')
+    return None
+  return stats
