@@ -160,8 +160,10 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
   from avhash_jax import data_lists, metrics as metrics_lib
   from common_jax import mesh as mesh_lib
 
-  os.makedirs(workdir, exist_ok=True)
-  io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
+  writes = jax.process_index() == 0   # several processes: each computes everything, process 0 writes
+  if writes:
+    os.makedirs(workdir, exist_ok=True)
+    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
   fmt = _check_config(config)
   db_ids, db_labels = data_lists.read_list(config.retrieval_list, fmt)
   if config.all_vs_all:
@@ -182,7 +184,8 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
     if not config.all_vs_all:
       features.check_ids(db_ids, config.retrieval_list)
     cli.enable_compilation_cache(config.compilation_cache)
-    mesh = mesh_lib.make_mesh(config.mesh) if mesh is None else mesh
+    if mesh is None:   # with several processes, codes are computed on this process's devices (no gather)
+      mesh = mesh_lib.make_mesh(config.mesh, None if jax.process_count() == 1 else jax.local_devices())
     t0 = time.time()
     db_codes = extract_codes(model_config, params, features, db_ids, config.eval_batch_size, mesh,
                              progress=config.progress, desc='database codes')
@@ -209,6 +212,8 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
       'pr_curve': {'k': [int(k) for k in pr['k']], 'precision': [float(x) for x in pr['precision']],
                    'recall': [float(x) for x in pr['recall']]},
       'code_seconds': code_seconds, 'metric_seconds': time.time() - t1, 'devices': jax.device_count()})
+  if not writes:
+    return out
   _write_codes(os.path.join(workdir, 'codes.h5'),
                {'query': (q_ids, q_codes), 'database': (db_ids, db_codes)})
   if config.plots:

@@ -74,10 +74,16 @@ class Validator:
 def _prepare_demo(config, workdir):
   from avhash_jax import demo_data
   d = config.demo
-  paths = demo_data.make_demo(os.path.join(workdir, 'demo_data'), dim=config.model.hidden_size,
-                              tokens=config.model.tokens, visual_groups=d.visual_groups,
-                              audio_groups=d.audio_groups, styles=d.styles, train_per_class=d.train_per_class,
-                              val_per_class=d.val_per_class, test_per_class=d.test_per_class, seed=d.seed)
+  make = lambda: demo_data.make_demo(
+      os.path.join(workdir, 'demo_data'), dim=config.model.hidden_size, tokens=config.model.tokens,
+      visual_groups=d.visual_groups, audio_groups=d.audio_groups, styles=d.styles,
+      train_per_class=d.train_per_class, val_per_class=d.val_per_class, test_per_class=d.test_per_class, seed=d.seed)
+  if jax.process_count() > 1:   # one writer; the others reuse the completed data after the barrier
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      make()
+    multihost_utils.sync_global_devices('avhash demo data written')
+  paths = make()
   with config.unlocked():
     for key, path in paths.items():
       config[key] = path
@@ -126,18 +132,30 @@ def _initial_params(config, model_config):
   return params
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _save_best(workdir, params, model_config, record) -> None:
-  """WORKDIR/best replaced as a whole: written beside it, then swapped in by renames."""
+  """WORKDIR/best replaced as a whole: written beside it, then swapped in by renames. Called on every process
+  (Orbax's save is collective); process 0 alone removes and renames, between barriers."""
   final = os.path.join(workdir, BEST)
   tmp, old = final + '.tmp', final + '.old'
-  for d in (tmp, old):
-    shutil.rmtree(d, ignore_errors=True)
+  primary = jax.process_index() == 0
+  if primary:
+    for d in (tmp, old):
+      shutil.rmtree(d, ignore_errors=True)
+  _sync('avhash best: cleared')
   checkpoint.save_params(tmp, params, model_config.to_dict(), step=record['step'])
-  io_util.write_json(os.path.join(tmp, 'best.json'), record)
-  if os.path.exists(final):
-    os.replace(final, old)
-  os.replace(tmp, final)
-  shutil.rmtree(old, ignore_errors=True)
+  if primary:
+    io_util.write_json(os.path.join(tmp, 'best.json'), record)
+    if os.path.exists(final):
+      os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  _sync('avhash best: replaced')
 
 
 def _read_best(workdir) -> dict:
@@ -170,7 +188,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       features, train_ids, train_labels, config, seed=config.seed, epochs=config.epochs,
       shape=(model_config.tokens, model_config.hidden_size), process_index=jax.process_index(),
       process_count=jax.process_count())
-  validator = Validator(config, model_config, features, lists['val_list'], lists['retrieval_list'], mesh)
+  # Validation (and the final test) run whole on each process's own devices: every process gets the same
+  # metrics and the same best-checkpoint decision, with no cross-host gather of codes.
+  local_mesh = mesh if jax.process_count() == 1 else mesh_lib.make_mesh(devices=jax.local_devices())
+  validator = Validator(config, model_config, features, lists['val_list'], lists['retrieval_list'], local_mesh)
 
   mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, item_names=('state', 'data'))
   start, state = checkpoint.restore_train(mngr, step_lib.abstract_state(model_config, config, mesh), data_iter)
@@ -193,8 +214,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     m = validator(params)
     epoch = step // steps_per_epoch
     writer.write_scalars(step, {'model': 'untrained' if step == 0 else 'trained', 'epoch': epoch, **m})
-    improved = m['mAP'] > best['mAP']
-    if improved and writer.is_writer:
+    improved = m['mAP'] > best['mAP']   # the same on every process: validation runs whole on each
+    if improved:
       best = {'step': step, 'epoch': epoch, 'mAP': m['mAP']}
       _save_best(workdir, params, model_config, best)
     print(f'step {step:>6} epoch {epoch:>4}  val mAP@all={m["mAP"]:.4f}' + (' (best)' if improved else '')
@@ -252,10 +273,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if hasattr(data_iter, 'close'):
       data_iter.close()
   result = {'step': step, 'best': best, **last}
-  if step >= total and config.test_list and jax.process_index() == 0 and best.get('step') is not None:
+  if step >= total and config.test_list and best.get('step') is not None:   # every process; process 0 writes
     with config.unlocked():
       config.checkpoint, config.all_vs_all = os.path.join(workdir, BEST), False
-    test = evaluate_lib.evaluate(config, os.path.join(workdir, 'test'), mesh=mesh)
+    test = evaluate_lib.evaluate(config, os.path.join(workdir, 'test'), mesh=local_mesh)
     result['test'] = {k: v for k, v in test.items() if k.startswith(('mAP', 'P@', 'R@'))}
     print(f'test ({test["num_queries"]} queries vs {test["num_database"]} videos), best checkpoint (step '
           f'{best["step"]}): mAP@all={test["mAP@all"]:.4f}  ' +

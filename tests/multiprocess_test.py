@@ -96,3 +96,27 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
   assert metrics['processes'] == 2
   assert abs(metrics['DSVR'] - evals[0][(STEPS, 'trained')]) < 1e-6, (metrics, evals[0])
   assert not (evaluation / 'partial').exists()
+
+
+AVHASH_ARGS = ['--config=configs/fcvid.py:demo,epochs=1', '--config.log_every=2', '--config.compilation_cache=',
+               '--config.demo.train_per_class=8', '--config.demo.val_per_class=2', '--config.demo.test_per_class=2',
+               '--config.train_dropout=True']
+
+
+def test_two_processes_train_avhash_like_one(tmp_path):
+  """AVHash (dropout on, so the per-video masks must not depend on the process count): the losses, the
+  validation, the best checkpoint and the final test of two processes equal one process's."""
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  _finish(_two(two, module='avhash_jax.main', args=AVHASH_ARGS) +
+          [_launch(one, 8, module='avhash_jax.main', args=AVHASH_ARGS)])
+  train = [_jsonl(d / 'train.jsonl') for d in (one, two)]
+  assert [r['step'] for r in train[0]] == [r['step'] for r in train[1]] and train[0]
+  for a, b in zip(*train):
+    np.testing.assert_allclose(b['loss'], a['loss'], rtol=2e-5, err_msg=f'step {a["step"]}')
+  vals = [[(r['step'], r['mAP']) for r in _jsonl(d / 'metrics.jsonl')] for d in (one, two)]
+  assert [s for s, _ in vals[0]] == [s for s, _ in vals[1]]
+  np.testing.assert_allclose([m for _, m in vals[1]], [m for _, m in vals[0]], atol=1e-6)
+  best = [json.load(open(d / 'best' / 'best.json')) for d in (one, two)]
+  assert best[0]['step'] == best[1]['step']
+  tests = [json.load(open(d / 'test' / 'metrics.json')) for d in (one, two)]
+  assert abs(tests[0]['mAP@all'] - tests[1]['mAP@all']) < 1e-6
