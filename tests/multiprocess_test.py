@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.xdist_group('multiprocess')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 ARGS = ['--config=configs/vcdb.py:demo', f'--config.total_steps={STEPS}', '--config.log_every=1',
