@@ -10,8 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.xdist_group('multiprocess')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 ARGS = ['--config=configs/vcdb.py:demo', f'--config.total_steps={STEPS}', '--config.log_every=1',
@@ -59,6 +57,30 @@ def _finish(procs, timeout=400):
   return outs
 
 
+def _in_process(module, args, workdir):
+  """Runs a training main's config in this pytest process (8 fake devices, compilations shared with the other
+  tests through the persistent cache) while the two subprocesses run."""
+  import importlib.util
+  config_arg = next(a for a in args if a.startswith('--config='))[len('--config='):]
+  path, _, variant = config_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, path))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config(variant) if variant else mod.get_config()
+  for a in args:
+    if a.startswith('--config.'):
+      key, _, value = a[len('--config.'):].partition('=')
+      node = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node[p]
+      old = node[leaf]
+      node[leaf] = (value.lower() == 'true') if isinstance(old, bool) else type(old)(value) if old is not None \
+          and not isinstance(old, str) else value
+  train = importlib.import_module(module.replace('.main', '.train'))
+  train.train_and_evaluate(config, str(workdir))
+
+
 def _jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -66,7 +88,9 @@ def _jsonl(path):
 
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
-  _finish(_two(two) + [_launch(one, 8)])
+  procs = _two(two)
+  _in_process('hapvr_jax.main', ARGS, one)   # the one-process reference: this test process has 8 devices
+  _finish(procs)
 
   train = [_jsonl(d / 'train.jsonl') for d in (one, two)]
   assert [r['step'] for r in train[0]] == [r['step'] for r in train[1]] == list(range(1, STEPS + 1))
@@ -109,8 +133,9 @@ def test_two_processes_train_avhash_like_one(tmp_path):
   """AVHash (dropout on, so the per-video masks must not depend on the process count): the losses, the
   validation, the best checkpoint and the final test of two processes equal one process's."""
   one, two = tmp_path / 'one', tmp_path / 'two'
-  _finish(_two(two, module='avhash_jax.main', args=AVHASH_ARGS) +
-          [_launch(one, 8, module='avhash_jax.main', args=AVHASH_ARGS)])
+  procs = _two(two, module='avhash_jax.main', args=AVHASH_ARGS)
+  _in_process('avhash_jax.main', AVHASH_ARGS, one)
+  _finish(procs)
   train = [_jsonl(d / 'train.jsonl') for d in (one, two)]
   assert [r['step'] for r in train[0]] == [r['step'] for r in train[1]] and train[0]
   for a, b in zip(*train):
