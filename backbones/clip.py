@@ -29,7 +29,6 @@ import dataclasses
 import re
 from typing import Any, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
@@ -120,8 +119,7 @@ def preprocess(x, config: Config):
 
 
 def init_params(config: Config, seed: int = 0):
-  x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-  return jax.jit(Model(config).init)(jax.random.PRNGKey(seed), x)['params']
+  return vl.init_image_params(Model(config), config.image_size, seed)
 
 
 def flops_per_image(config: Config) -> int:
@@ -133,8 +131,7 @@ def flops_per_image(config: Config) -> int:
 
 # ------------------------------------------------------------------------------------------------- conversion
 
-LN = (('weight', 'scale', None), ('bias', 'bias', None))
-LINEAR = (('weight', 'kernel', 'T'), ('bias', 'bias', None))
+LN, LINEAR = vl.LN_ROWS, vl.LINEAR_ROWS
 RB = 'transformer.resblocks.{n}.'
 # OpenAI key (without `visual.`) -> (Flax path, transform); '{n}' = block index.
 TABLE = (
@@ -172,8 +169,7 @@ HF_IGNORED = re.compile(r'^(text_model\.|text_projection\.|logit_scale$|vision_m
 
 def table(layers: int):
   """TABLE with the block index filled in."""
-  return [(k.format(n=n), tuple(p.format(n=n) for p in path), t)
-          for k, path, t in TABLE for n in (range(layers) if '{n}' in k else (None,))]
+  return vl.fill_table(TABLE, layers)
 
 
 def canonical_shapes(c: Config) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
@@ -125,8 +124,7 @@ def preprocess(x, config: Config, normalize: Optional[str] = None):
 
 
 def init_params(config: Config, seed: int = 0):
-  x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-  return jax.jit(Model(config).init)(jax.random.PRNGKey(seed), x)['params']
+  return vl.init_image_params(Model(config), config.image_size, seed)
 
 
 def flops_per_image(config: Config) -> int:
@@ -137,8 +135,7 @@ def flops_per_image(config: Config) -> int:
 
 # ------------------------------------------------------------------------------------------------- conversion
 
-LN = (('weight', 'scale', None), ('bias', 'bias', None))
-LINEAR = (('weight', 'kernel', 'T'), ('bias', 'bias', None))
+LN, LINEAR = vl.LN_ROWS, vl.LINEAR_ROWS
 # Official key -> (Flax path, transform); '{n}' = block index. 'conv' = OIHW -> HWIO, 'T' = Linear -> kernel.
 TABLE = (
     ('cls_token', ('cls_token',), None),
@@ -166,8 +163,7 @@ DEPTH_PATTERN = {'official': r'blocks\.(\d+)\.', 'hf4': r'encoder\.layer\.(\d+)\
 
 def table(depth: int):
   """TABLE with the block index filled in."""
-  return [(k.format(n=n), tuple(p.format(n=n) for p in path), t)
-          for k, path, t in TABLE for n in (range(depth) if '{n}' in k else (None,))]
+  return vl.fill_table(TABLE, depth)
 
 
 def canonical_shapes(c: Config) -> dict:

@@ -190,3 +190,20 @@ def tree_from(canonical: Mapping[str, np.ndarray], table: Sequence[tuple]) -> di
   for key, path, transform in table:
     put(params, path, layout(canonical[key], transform))
   return params
+
+
+# Conversion-table rows shared by the ViT converters: (torch leaf, Flax leaf, transform).
+LN_ROWS = (('weight', 'scale', None), ('bias', 'bias', None))
+LINEAR_ROWS = (('weight', 'kernel', 'T'), ('bias', 'bias', None))
+
+
+def fill_table(rows, depth: int):
+  """A TABLE of (key, Flax path, transform) with '{n}' rows repeated for blocks 0..depth-1."""
+  return [(k.format(n=n), tuple(p.format(n=n) for p in path), t)
+          for k, path, t in rows for n in (range(depth) if '{n}' in k else (None,))]
+
+
+def init_image_params(model: nn.Module, image_size: int, seed: int = 0):
+  """Random parameters of an image model (one zero frame of image_size x image_size traces the shapes)."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(model.init)(jax.random.PRNGKey(seed), x)['params']
