@@ -28,7 +28,6 @@ bad input ends with one `error: ...` line and exit code 2 (common_jax.cli.clear_
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Any, Mapping, Optional
@@ -36,7 +35,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from common_jax import cli
-from common_jax.convert_util import ConversionError, check_keys, load_torch, put as _put, to_numpy as _numpy
+from common_jax.convert_util import ConversionError, check_keys, check_new_output, load_torch, put as _put, to_numpy as _numpy
 from common_jax.convert_util import layout as _layout
 from avhash_jax.model import ModelConfig, init_params
 
@@ -242,8 +241,7 @@ def run_conversion(output: str, torch_checkpoint: Optional[str] = None, cls_toke
                    bert_checkpoint: Optional[str] = None, bits: int = 64, num_heads: Optional[int] = None,
                    seed: int = 0):
   """Writes the checkpoint; returns (params, ModelConfig). Raises ConversionError on bad input."""
-  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-    raise ConversionError(f'{output}: already exists and is not empty; choose another --output or remove it')
+  check_new_output(output)
   if bool(torch_checkpoint) == bool(bert_checkpoint):
     raise ConversionError('give exactly one of --torch_checkpoint (with --cls_token) and --bert_checkpoint')
   cls_vec = load_cls(cls_token) if cls_token else None

@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 
 from common_jax import cli
-from common_jax.convert_util import ConversionError, load_torch, state_dict_of, to_numpy
+from common_jax.convert_util import ConversionError, check_new_output, load_torch, state_dict_of, to_numpy
 from backbones import registry
 
 
@@ -57,8 +57,7 @@ def load_state_dict(path: str) -> dict:
 def run_conversion(arch: str, torch_checkpoint: str, output: str, pca: Optional[str] = None,
                    num_heads: Optional[int] = None, pca_dims: Optional[int] = None):
   """Writes the converted backbone; returns (params, Config). Raises ConversionError on bad input."""
-  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-    raise ConversionError(f'{output}: already exists and is not empty; choose another --output or remove it')
+  check_new_output(output)
   mod = registry.module(arch)
   extra = {}
   if pca is not None:

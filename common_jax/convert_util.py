@@ -17,6 +17,13 @@ class ConversionError(ValueError):
   """A checkpoint that does not match the architecture; the CLIs print it as one `error:` line (exit 2)."""
 
 
+def check_new_output(output: str) -> None:
+  """A converter's --output must not exist yet, or be an empty folder (a finished checkpoint is never mixed
+  with a new one)."""
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise ConversionError(f'{output}: already exists and is not empty; choose another --output or remove it')
+
+
 def to_numpy(sd: Mapping[str, Any]) -> dict:
   """torch tensors (any device/dtype) or arrays -> NumPy arrays, keys unchanged."""
   out = {}
