@@ -3,9 +3,11 @@ training and its evaluations; each process reads its own chunks of every step's 
 checkpoint must equal a single process with 8 devices."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,44 +19,79 @@ ARGS = ['--config=configs/vcdb.py:demo', f'--config.total_steps={STEPS}', '--con
         '--config.demo.train_videos=64', '--config.demo.num_queries=4', '--config.demo.num_database=48']
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+def _coordinator_port():
+  """A free port BELOW the kernel's ephemeral range: the coordinator binds it seconds after it is chosen, and
+  in between the ephemeral ports handed out for other connections (gloo, gRPC, other tests) can never take it."""
+  low = 32768
+  try:
+    with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+      low = int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    pass
+  rng = np.random.default_rng()
+  for _ in range(200):
+    port = int(rng.integers(max(low // 2, 1024), low))
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError('no free coordinator port')
 
 
 def _env(devices, **extra):
   env = {k: v for k, v in os.environ.items()
          if not (k.startswith('JAX_') and 'CACHE' not in k) and k != 'XLA_FLAGS'}
   env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=ROOT, **extra)
+             PYTHONPATH=ROOT, PYTHONFAULTHANDLER='1', **extra)   # SIGABRT on a hang prints every thread's stack
   return env
 
 
-def _launch(workdir, devices, module='hapvr_jax.main', args=ARGS, **extra):
-  return subprocess.Popen([sys.executable, '-m', module, *args, f'--workdir={workdir}'], cwd=ROOT,
-                          env=_env(devices, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _launch(workdir, devices, log, module='hapvr_jax.main', args=ARGS, **extra):
+  # Output goes to a file, never a pipe: a process blocked writing to a full pipe nobody reads (the test is busy
+  # with its in-process reference, or waiting on the other process) would stall the collectives of both.
+  with open(log, 'w') as f:
+    p = subprocess.Popen([sys.executable, '-m', module, *args, f'--workdir={workdir}'], cwd=ROOT,
+                         env=_env(devices, **extra), stdout=f, stderr=subprocess.STDOUT)
+  p.log = log
+  return p
 
 
 def _two(workdir, **kw):
-  port = _free_port()
-  return [_launch(workdir, 4, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k),
+  port = _coordinator_port()
+  return [_launch(workdir, 4, f'{workdir}.process{k}.log', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(k),
                   JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', **kw) for k in range(2)]
 
 
+def _output(p, tail=None):
+  with open(p.log, errors='replace') as f:
+    out = f.read()
+  return out[-tail:] if tail else out
+
+
 def _finish(procs, timeout=400):
-  outs = []
+  """Waits for all processes; as soon as one fails or the time is up, the others are stopped with SIGABRT
+  (Python's faulthandler then prints where each thread waits) and the test fails with every process's output."""
+  deadline = time.monotonic() + timeout
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    if any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.5)
+  if all(p.poll() == 0 for p in procs):
+    return [_output(p) for p in procs]
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGABRT)
   for p in procs:
     try:
-      out, _ = p.communicate(timeout=timeout)
+      p.wait(timeout=30)
     except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail('a training process hung')
-    outs.append(out)
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  return outs
+      p.kill()
+      p.wait()
+  hung = time.monotonic() >= deadline
+  pytest.fail(('the processes did not finish in %d s' % timeout if hung else 'a process failed') + '\n' +
+              '\n'.join(f'--- process {k} (exit {p.returncode}) ---\n{_output(p, 6000)}' for k, p in enumerate(procs)))
 
 
 def _in_process(module, args, workdir):
@@ -81,6 +118,15 @@ def _in_process(module, args, workdir):
   train.train_and_evaluate(config, str(workdir))
 
 
+def _reference(procs, module, args, workdir):
+  try:
+    _in_process(module, args, workdir)
+  except BaseException:
+    for p in procs:
+      p.kill()
+    raise
+
+
 def _jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -89,7 +135,7 @@ def _jsonl(path):
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
   procs = _two(two)
-  _in_process('hapvr_jax.main', ARGS, one)   # the one-process reference: this test process has 8 devices
+  _reference(procs, 'hapvr_jax.main', ARGS, one)   # the one-process reference: this test process has 8 devices
   _finish(procs)
 
   train = [_jsonl(d / 'train.jsonl') for d in (one, two)]
@@ -134,7 +180,7 @@ def test_two_processes_train_avhash_like_one(tmp_path):
   validation, the best checkpoint and the final test of two processes equal one process's."""
   one, two = tmp_path / 'one', tmp_path / 'two'
   procs = _two(two, module='avhash_jax.main', args=AVHASH_ARGS)
-  _in_process('avhash_jax.main', AVHASH_ARGS, one)
+  _reference(procs, 'avhash_jax.main', AVHASH_ARGS, one)
   _finish(procs)
   train = [_jsonl(d / 'train.jsonl') for d in (one, two)]
   assert [r['step'] for r in train[0]] == [r['step'] for r in train[1]] and train[0]
