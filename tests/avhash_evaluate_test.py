@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
+
 from avhash_jax import evaluate as ev
 from avhash_jax import model as model_lib
 from common_jax import checkpoint
@@ -192,8 +194,7 @@ def test_bits_mismatch_is_a_usage_error(data, tmp_path):
 
 
 def _run_cli(workdir, *args):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS=FAST_COMPILE)   # one device
   return subprocess.run([sys.executable, '-m', 'avhash_jax.evaluate', '--config=configs/fcvid.py:bits=16',
                          f'--workdir={workdir}', '--config.progress=False', '--config.compilation_cache=',
                          *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

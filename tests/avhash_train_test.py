@@ -10,6 +10,8 @@ import time
 import jax
 import numpy as np
 import pytest
+
+from conftest import FAST_COMPILE
 import torch
 
 import avhash_torch_reference as ref
@@ -257,7 +259,7 @@ def test_restore_onto_four_devices(uninterrupted, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ CLI errors
 def _run_main(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count=1 {FAST_COMPILE}')
   return subprocess.run([sys.executable, '-m', 'avhash_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)
 

@@ -2,7 +2,10 @@
 import os
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# LLVM at -O0: the suite is dominated by compiling many small programs, not by running them; -O0 compiles them
+# about 30% faster (tests/train_test + engine_test: 77 s -> 54 s cold) and changes no HLO-level numerics.
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {FAST_COMPILE}')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # One persistent XLA compilation cache for the whole run (xdist workers and the subprocesses tests start):

@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 ARGS = ['--config=configs/vcdb.py:demo', f'--config.total_steps={STEPS}', '--config.log_every=1',
@@ -43,7 +45,7 @@ def _coordinator_port():
 def _env(devices, **extra):
   env = {k: v for k, v in os.environ.items()
          if not (k.startswith('JAX_') and 'CACHE' not in k) and k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
              PYTHONPATH=ROOT, PYTHONFAULTHANDLER='1', **extra)   # SIGABRT on a hang prints every thread's stack
   return env
 

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
+
 from common_jax import mesh as mesh_lib
 from configs import vcdb
 from hapvr_jax import demo_data
@@ -147,7 +149,7 @@ def test_model_config_written_for_evaluation(shards, uninterrupted, tmp_path):
 
 
 def _run_main(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count=1 {FAST_COMPILE}')
   return subprocess.run([sys.executable, '-m', 'hapvr_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)
 
