@@ -44,3 +44,14 @@ def memory_bandwidth(mib: int = 512) -> float:
   src = np.ones(mib * 2 ** 20 // 8)
   dst = np.empty_like(src)
   return 2 * src.nbytes / median_time(lambda: np.copyto(dst, src), steps=5)[0]
+
+
+def device_bandwidth(mib: int = 512) -> float:
+  """Bytes/s (read + write) of an elementwise pass over a mib MiB float32 array on the default JAX device,
+  median of 5: the memory roofline of the accelerator (on a CPU, of host memory through XLA)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones(mib * 2 ** 20 // 4, jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001)
+  f(x).block_until_ready()
+  return 2 * x.nbytes / median_time(lambda: f(x).block_until_ready(), steps=5)[0]

@@ -8,13 +8,15 @@ target chunk) pair, the same sequence of PyTorch ops as the original's calculate
 here; weights from tests/torch_reference.py, an independent implementation with the original's layout), on the
 same machine with PyTorch's own threads. Engine: hapvr_jax.engine on the same HDF5 file with the
 converted weights. Printed: pairs/s of both and their ratio, the engine's cold start (compilation), the
-largest score difference between the two, the engine's FLOP rate against a plain float32 matmul measured in
-this run (the practical roofline of this device), and the share of time in the frame-to-frame similarity vs
-the comparator CNN.
+largest score difference between the two; this device's limits measured in the same run (a matmul in the
+engine's dtype/precision, and an elementwise pass for memory bandwidth); the engine's useful FLOP rate and the
+frame-to-frame stage's alone against them; the split of a block's time between f2f and the comparator CNN;
+and a projection of the full FIVR-200K evaluation (100 queries x 225,960 videos, lengths modelled as in
+bench/padding.py or read from --project_features) at the measured rate and at the matmul roofline.
 
-Measured (2-core Xeon CPU, `--queries=16 --database=96`): baseline 76.9 pairs/s, engine 215.8 pairs/s warm
-(2.81x) and 40.7 pairs/s cold (compilation included), max score difference 8.2e-10, engine 100.5 GFLOP/s =
-0.62 of the 162.3 GFLOP/s matmul; f2f 84% / CNN 16% of a 16x16 block at 76 frames.
+Measured (2-core Xeon CPU, `--queries=16 --database=96`, one run): baseline 72.8 pairs/s, engine 185.2 pairs/s
+warm (2.54x), max score difference 8.2e-10; matmul 132.9 GFLOP/s; engine 86.2 GFLOP/s (0.65), f2f stage
+114.9 GFLOP/s (0.86); f2f 75% / CNN 25% of a 16x16 block at 76 frames; FIVR-200K 2.36e16 useful FLOPs.
 """
 from __future__ import annotations
 
@@ -75,15 +77,6 @@ def timed(fn, *args, repeat=3):
   return (time.perf_counter() - t0) / repeat
 
 
-def matmul_roofline():
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (4096, 512))
-  b = jax.random.normal(jax.random.PRNGKey(1), (512, 4096))
-  f = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST))
-  return 2 * 4096 * 4096 * 512 / timed(f, a, b, repeat=5)
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--queries', type=int, default=16)
@@ -100,11 +93,15 @@ def main():
                  'on the same pairs is printed')
   p.add_argument('--precision', default='highest', choices=('highest', 'default'),
                  help="engine matmul precision ('default' = TF32/bf16 passes on GPU/TPU)")
+  p.add_argument('--project_features', default='', help='FIVR-200K projection on the real lengths of this '
+                 'DnS-format HDF5 (shapes only); default: modelled lengths (bench/padding.py)')
+  p.add_argument('--project_queries', type=int, default=100)
   a = p.parse_args()
 
   import jax
   import torch
   import torch_reference as ref
+  from bench import common, padding
   from common_jax import mesh as mesh_lib
   from hapvr_jax import convert, engine as engine_lib, features as features_lib, model as model_lib
 
@@ -153,14 +150,17 @@ def main():
   ql = ff.lengths(qids).astype(np.float64)
   dl = ff.lengths(dids).astype(np.float64)
   useful = (F2F_FLOPS + CNN_FLOPS) * ql.sum() * dl.sum()
-  peak = matmul_roofline()
+  # The rooflines of this device, measured now: a matmul in the engine's dtype/precision, and memory traffic.
+  peak = common.matmul_peak(2048, dtype=a.dtype, precision=a.precision)
+  peak32 = peak if (a.dtype, a.precision) == ('float32', 'highest') else common.matmul_peak(2048)
+  bandwidth = common.device_bandwidth(256)
 
   # --- where the time goes: one representative block, f2f vs CNN ----------------------------------------
   net = model_lib.SimilarityNetwork(cfg)
   L = engine_lib.bucket_of(int(np.median(dl)), engine_lib.bucket_lengths(int(dl.max()), a.bucket_ratio))
   nq, nb = min(16, a.queries), 16
-  q = jax.random.normal(jax.random.PRNGKey(0), (nq, L, 9, a.dims))
-  t = jax.random.normal(jax.random.PRNGKey(1), (nb, L, 9, a.dims))
+  q = jax.random.normal(jax.random.PRNGKey(0), (nq, L, 9, a.dims)).astype(a.dtype)
+  t = jax.random.normal(jax.random.PRNGKey(1), (nb, L, 9, a.dims)).astype(a.dtype)
   f2f_fn = jax.jit(lambda q, t: net.apply({'params': params}, q, t, method=net.frame_to_frame))
   f2f = f2f_fn(q, t)
   cnn_fn = jax.jit(lambda m: net.apply({'params': params}, m, method=net.compare)[0])
@@ -172,8 +172,10 @@ def main():
   print(f'engine (cold, with compilation):     {n_pairs / cold:9.1f} pairs/s  ({cold:.1f}s)')
   print(f'ratio engine/baseline: warm {n_pairs / warm / base_rate:.2f}x, cold {n_pairs / cold / base_rate:.2f}x')
   print(f'max |engine - baseline| over the {len(base_scores)} baseline pairs: {diff:.2e}')
-  print(f'engine useful FLOP rate: {useful / warm / 1e9:.1f} GFLOP/s; plain float32 matmul on this device: '
-        f'{peak / 1e9:.1f} GFLOP/s; ratio {useful / warm / peak:.2f}')
+  print(f'device limits measured now: matmul {a.dtype}/{a.precision} {peak / 1e9:.1f} GFLOP/s'
+        + ('' if peak32 == peak else f' (float32/highest {peak32 / 1e9:.1f})')
+        + f'; memory {bandwidth / 1e9:.1f} GB/s')
+  print(f'engine useful FLOP rate: {useful / warm / 1e9:.1f} GFLOP/s = {useful / warm / peak:.2f} of the matmul')
   if a.dtype != 'float32' or a.precision != 'highest':
     ref_scores = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(
         memory_budget_mb=a.memory_budget_mb, bucket_ratio=a.bucket_ratio)).score(ff, qids, dids, progress=False)
@@ -186,6 +188,30 @@ def main():
           f'same top-1 for {100 * top1:.0f}% of queries, top-10 overlap {100 * top10:.1f}%')
   print(f'one {nq}x{nb} block at {L} frames: f2f {t_f2f * 1e3:.0f} ms ({100 * t_f2f / (t_f2f + t_cnn):.0f}%), '
         f'CNN {t_cnn * 1e3:.0f} ms ({100 * t_cnn / (t_f2f + t_cnn):.0f}%)')
+  # The frame-to-frame stage on its own, against both rooflines: FLOPs of the region dot products and their
+  # reductions; bytes = the two feature blocks read once plus the [nq, L, nb, L] similarity written once.
+  f2f_flops = F2F_FLOPS * nq * L * nb * L
+  f2f_bytes = (nq + nb) * L * 9 * a.dims * q.dtype.itemsize + nq * nb * L * L * 4
+  print(f'f2f stage: {f2f_flops / t_f2f / 1e9:.1f} GFLOP/s = {f2f_flops / t_f2f / peak:.2f} of the matmul; '
+        f'{f2f_bytes / t_f2f / 1e9:.2f} GB/s = {f2f_bytes / t_f2f / bandwidth:.3f} of memory '
+        f'(intensity {f2f_flops / f2f_bytes:.0f} FLOP/byte: compute-bound)')
+
+  # --- projection: the full FIVR-200K evaluation at this run's measured rate ------------------------------
+  if a.project_features:
+    pf = features_lib.FeatureFile(a.project_features, dims=a.dims, min_len=cfg.min_len)
+    db_len = pf.lengths(sorted(pf.ids())).astype(np.float64)
+    source = a.project_features
+  else:
+    db_len = padding.modelled_lengths(min_len=cfg.min_len).astype(np.float64)
+    source = 'modelled lengths (bench/padding.py)'
+  q_len = np.random.default_rng(a.seed).choice(db_len, a.project_queries, replace=False)
+  total = (F2F_FLOPS + CNN_FLOPS) * q_len.sum() * db_len.sum()
+  waste = padding.waste(db_len.astype(int), a.bucket_ratio)[0]
+  read = db_len.sum() * 9 * a.dims * 4
+  print(f'projection, {a.project_queries} queries x {len(db_len)} videos ({source}): {total:.2e} useful FLOPs; '
+        f'at this run\'s engine rate {total / (useful / warm) / 60:.1f} min; at the matmul roofline plus '
+        f'{100 * waste:.1f}% padding {total / (1 - waste) / peak / 60:.1f} min; features to read '
+        f'{read / 1e9:.0f} GB (float32)')
 
 
 if __name__ == '__main__':

@@ -25,6 +25,15 @@ from hapvr_jax import engine  # noqa: E402
 from hapvr_jax.features import FeatureFile, tiled_length  # noqa: E402
 
 
+def modelled_lengths(videos=225_960, median=71.0, sigma=0.8, min_len=8, seed=0):
+  """FIVR-200K-like video lengths in frames (1 fps, lognormal), tiled to min_len as the engine reads them.
+  The defaults give a mean near 98 frames, about 22M frames in all: the spec's estimate (§7.2) from the
+  released feature files' sizes."""
+  rng = np.random.default_rng(seed)
+  raw = np.maximum(1, np.round(rng.lognormal(np.log(median), sigma, videos))).astype(int)
+  return np.array([tiled_length(int(n), min_len) for n in raw])
+
+
 def waste(lengths, ratio, chunk=2048, min_bucket=8):
   items = np.array([e - s for n in lengths for s, e in engine.split_chunks(int(n), chunk)])
   buckets = engine.bucket_lengths(int(items.max()), ratio, min_bucket)
@@ -36,7 +45,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--features', default='', help='DnS-format HDF5: use its real lengths')
   p.add_argument('--videos', type=int, default=225_960, help='modelled: number of videos (FIVR-200K)')
-  p.add_argument('--median', type=float, default=120.0, help='modelled: median length in frames (1 fps)')
+  p.add_argument('--median', type=float, default=71.0, help='modelled: median length in frames (1 fps)')
   p.add_argument('--sigma', type=float, default=0.8, help='modelled: lognormal sigma')
   p.add_argument('--min_len', type=int, default=8)
   p.add_argument('--ratios', default='1.25,1.15,1.1')
@@ -46,9 +55,7 @@ def main(argv=None):
     lengths = ff.lengths(sorted(ff.ids()))
     source = f'{a.features}: {len(lengths)} videos'
   else:
-    rng = np.random.default_rng(0)
-    raw = np.maximum(1, np.round(rng.lognormal(np.log(a.median), a.sigma, a.videos))).astype(int)
-    lengths = np.array([tiled_length(int(n), a.min_len) for n in raw])
+    lengths = modelled_lengths(a.videos, a.median, a.sigma, a.min_len)
     source = f'modelled: {a.videos} videos, lognormal median {a.median:g} frames, sigma {a.sigma:g}'
   print(f'{source}; mean length {lengths.mean():.1f} frames')
   for r in (float(x) for x in a.ratios.split(',')):
