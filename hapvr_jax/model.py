@@ -16,7 +16,7 @@ Validity is given as prefix lengths (`q_len`, `t_len`); padded inputs give exact
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

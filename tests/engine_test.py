@@ -1,6 +1,5 @@
 """The evaluation engine and the feature reader: batched, padded, chunked, sharded scoring equals the
 per-pair computation of the original's loop; bad feature files fail with errors naming the culprit."""
-import os
 
 import h5py
 import jax

@@ -94,7 +94,7 @@ def test_pseudo_labels(batch):
 
 def test_inner_ap_on_positive_pairs_equals_all_pairs_reference(batch):
   _, y, f, g = batch
-  n, t = f.shape[:2], f.shape[-1]
+  t = f.shape[-1]
   pos, neg = _pseudo_ref(g)
   # the reference: every (a, b) pair, weighted by Y (as the original computes it)
   ap = np.zeros((len(y), len(y)))

@@ -25,7 +25,6 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # The original's hard-coded loss weights (training_tools.py four-loss branch; spec §3.9).
 LOSS_WEIGHTS = {'infonce': 1.0, 'inner_ap': 6.0, 'qlap': 4.0, 'sshn': 3.0, 'reg': 1.0}
