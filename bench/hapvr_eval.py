@@ -14,9 +14,10 @@ frame-to-frame stage's alone against them; the split of a block's time between f
 and a projection of the full FIVR-200K evaluation (100 queries x 225,960 videos, lengths modelled as in
 bench/padding.py or read from --project_features) at the measured rate and at the matmul roofline.
 
-Measured (2-core Xeon CPU, `--queries=16 --database=96`, one run): baseline 72.8 pairs/s, engine 185.2 pairs/s
-warm (2.54x), max score difference 8.2e-10; matmul 132.9 GFLOP/s; engine 86.2 GFLOP/s (0.65), f2f stage
-114.9 GFLOP/s (0.86); f2f 75% / CNN 25% of a 16x16 block at 76 frames; FIVR-200K 2.36e16 useful FLOPs.
+Measured (2-core Xeon CPU, `--queries=16 --database=96`, one run): baseline 69.0 pairs/s, engine 199.6 pairs/s
+warm (2.89x), max score difference 8.2e-10; matmul 165.8 GFLOP/s, memory 4.2 GB/s; engine 92.9 GFLOP/s (0.56),
+f2f stage 123.2 GFLOP/s (0.74), CNN 85.1 GFLOP/s (0.59 of memory); f2f 75% / CNN 25% of a 16x16 block at 76
+frames; FIVR-200K 2.36e16 useful FLOPs, 408 GB of features.
 """
 from __future__ import annotations
 
@@ -195,6 +196,16 @@ def main():
   print(f'f2f stage: {f2f_flops / t_f2f / 1e9:.1f} GFLOP/s = {f2f_flops / t_f2f / peak:.2f} of the matmul; '
         f'{f2f_bytes / t_f2f / 1e9:.2f} GB/s = {f2f_bytes / t_f2f / bandwidth:.3f} of memory '
         f'(intensity {f2f_flops / f2f_bytes:.0f} FLOP/byte: compute-bound)')
+
+  # The comparator CNN, counted as if each layer's output went through memory once (written, read back):
+  # per f2f cell 1 input + 32 (conv1) + 32/4 (pool) + 64/4 (conv2) + 64/16 (pool) + 128/16 (conv3) + 1/16
+  # channels of float32. Its low intensity is why it can dominate on an accelerator despite 19% of the FLOPs.
+  cells = nq * nb * L * L
+  cnn_flops = CNN_FLOPS * cells
+  cnn_bytes = 4 * cells * (1 + 2 * (32 + 32 / 4 + 64 / 4 + 64 / 16 + 128 / 16 + 1 / 16))
+  print(f'CNN stage: {cnn_flops / t_cnn / 1e9:.1f} GFLOP/s = {cnn_flops / t_cnn / peak32:.2f} of the float32 '
+        f'matmul; {cnn_bytes / t_cnn / 1e9:.2f} GB/s = {cnn_bytes / t_cnn / bandwidth:.2f} of memory '
+        f'(intensity {cnn_flops / cnn_bytes:.0f} FLOP/byte, unfused)')
 
   # --- projection: the full FIVR-200K evaluation at this run's measured rate ------------------------------
   if a.project_features:
