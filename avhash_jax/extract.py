@@ -71,7 +71,7 @@ def extract(flags) -> int:
     runners[name] = extraction.PackedRunner(lambda x, fn=fn: fn(x)[0], -(-size // multiple) * multiple)
   writer = feature_writer.ResumableH5(paths)
   failures = extraction.FailureLog(paths['image'] + '.failures.jsonl')
-  silent, partial = [], {}
+  silent, partial, dropped = [], {}, set()
 
   def decode(video):
     info = video_io.probe(video.path)
@@ -88,21 +88,42 @@ def extract(flags) -> int:
   def collect(name, completed):
     out = []
     for video, emb in completed:
+      if video in dropped:   # its other half was in a failed batch
+        continue
       partial.setdefault(video, {})[name] = emb
       if len(partial[video]) == 2:
         out.append((video, partial.pop(video)))
     return out
 
+  def gather(steps):
+    """Runs (name, call) steps; a failed batch in either runner fails its videos in both (their other half
+    is dropped when it arrives) and the completed ones are still returned, through one BatchError."""
+    done, failed, cause = [], [], None
+    for name, call in steps:
+      try:
+        done += collect(name, call())
+      except extraction.BatchError as e:
+        done += collect(name, e.completed)
+        failed += e.keys
+        cause = cause or e.cause
+    if failed:
+      dropped.update(failed)
+      for video in failed:
+        partial.pop(video, None)
+      raise extraction.BatchError(failed, cause, [d for d in done if d[0] not in dropped])
+    return done
+
   def compute(video, item):
     frames, audio = item
-    done = collect('image', runners['image'].add(video, frames))
     if audio is None:
       silent.append(video.video_id)
-      return done + collect('audio', [(video, np.zeros((SEGMENTS, ast.config.hidden_size), np.float32))])
-    return done + collect('audio', runners['audio'].add(video, audio))
+      zeros = np.zeros((SEGMENTS, ast.config.hidden_size), np.float32)
+      return gather([('image', lambda: runners['image'].add(video, frames)), ('audio', lambda: [(video, zeros)])])
+    return gather([('image', lambda: runners['image'].add(video, frames)),
+                   ('audio', lambda: runners['audio'].add(video, audio))])
 
   def flush():
-    return collect('image', runners['image'].flush()) + collect('audio', runners['audio'].flush())
+    return gather([('image', runners['image'].flush), ('audio', runners['audio'].flush)])
 
   def write(video, out):
     for name, x in out.items():

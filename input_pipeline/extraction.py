@@ -120,11 +120,22 @@ class FailureLog:
       os.remove(self.path)   # left by an earlier run whose failures have now been extracted
 
 
+class BatchError(Exception):
+  """The batch function raised on a packed batch. `keys`: every video with rows in the failed batch(es), dropped
+  from the runner (a rerun redoes them); `completed`: the videos finished before or after it in the same call,
+  still to be written; `cause`: the first exception."""
+
+  def __init__(self, keys, cause: BaseException, completed=()):
+    super().__init__(f'a packed batch of {len(keys)} video(s) failed: {type(cause).__name__}: {cause}')
+    self.keys, self.cause, self.completed = list(keys), cause, list(completed)
+
+
 class PackedRunner:
   """Runs a jitted batch function over the frames of many videos, packed into fixed-size batches.
 
   `fn(x)` maps a batch [B, ...] to an array or a tuple of arrays with leading dimension B. Frames of several
-  videos share a batch (no padding per video); only the final flush pads. One shape, one compilation.
+  videos share a batch (no padding per video); only the final flush pads. One shape, one compilation. If `fn`
+  raises, every video with rows in that batch is dropped and named in a BatchError; the others go on.
   """
 
   def __init__(self, fn: Callable, batch_size: int):
@@ -139,15 +150,21 @@ class PackedRunner:
       raise ValueError(f'{key}: no frames to run')
     self._pending[key] = [len(x), [], 0]
     self._queue.append([key, x, 0])
-    done = []
-    while sum(len(a) - s for _, a, s in self._queue) >= self.batch_size:
-      done += self._run_batch()
-    return done
+    return self._drain(full_only=True)
 
   def flush(self) -> list:
-    done = []
-    while self._queue:
-      done += self._run_batch()
+    return self._drain(full_only=False)
+
+  def _drain(self, full_only: bool) -> list:
+    done, failed, cause = [], [], None
+    while self._queue and (not full_only or sum(len(a) - s for _, a, s in self._queue) >= self.batch_size):
+      try:
+        done += self._run_batch()
+      except BatchError as e:
+        failed += e.keys
+        cause = cause or e.cause
+    if failed:
+      raise BatchError(failed, cause, done)
     return done
 
   def _run_batch(self) -> list:
@@ -166,9 +183,16 @@ class PackedRunner:
     if need:
       self.padded_rows += need
       batch = np.concatenate([batch, np.zeros((need,) + batch.shape[1:], batch.dtype)])
-    outs = self.fn(batch)
-    single = not isinstance(outs, tuple)
-    outs = tuple(np.asarray(o) for o in ((outs,) if single else outs))
+    try:
+      outs = self.fn(batch)
+      single = not isinstance(outs, tuple)
+      outs = tuple(np.asarray(o) for o in ((outs,) if single else outs))
+    except Exception as e:  # pylint: disable=broad-except  (reported per video by the caller)
+      keys = list(dict.fromkeys(key for key, _ in owners))
+      for key in keys:
+        del self._pending[key]
+      self._queue = collections.deque(item for item in self._queue if item[0] not in keys)
+      raise BatchError(keys, e) from e
     self.batches += 1
     done, row = [], 0
     for key, take in owners:
@@ -194,7 +218,8 @@ def run(videos: Sequence[Video], decode: Callable, compute: Callable, write: Cal
     write(video, out)                          this thread: store one completed video
     flush() -> [(video, out)]                  at the end (and on a stop): the videos still queued
 
-  An exception in decode/compute is recorded against that video, one in write against the video written; the
+  An exception in decode/compute is recorded against that video, one in write against the video written, and a
+  BatchError from compute/flush against every video it names (its completed videos are still written); the
   run goes on. Returns counts and timing."""
   done = set(done)
   todo = [v for v in videos if v.video_id not in done]
@@ -220,6 +245,11 @@ def run(videos: Sequence[Video], decode: Callable, compute: Callable, write: Cal
         except Exception as e:  # pylint: disable=broad-except  (one bad video must not stop the collection)
           fail(video, e)
 
+    def batch_failed(e):
+      for video in e.keys:
+        fail(video, e.cause)
+      return e.completed
+
     ahead, it = collections.deque(), iter(todo)
 
     def submit():
@@ -239,11 +269,16 @@ def run(videos: Sequence[Video], decode: Callable, compute: Callable, write: Cal
       submit()
       try:
         completed = compute(video, fut.result())
+      except BatchError as e:
+        completed = batch_failed(e)
       except Exception as e:  # pylint: disable=broad-except
         fail(video, e)
         continue
       store(completed)
-    store(flush())
+    try:
+      store(flush())
+    except BatchError as e:
+      store(batch_failed(e))
   stats['seconds'] = round(time.time() - start, 3)
   stats['videos_per_s'] = round(stats['extracted'] / max(stats['seconds'], 1e-9), 3)
   return stats

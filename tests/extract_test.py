@@ -11,7 +11,7 @@ import torch
 
 from backbones import ast as ast_lib, clip as clip_lib, convert_backbone, dino as dino_lib, fbank
 from backbones import ast_torch, clip_torch, dino_torch, resnet as resnet_lib, resnet_torch
-from input_pipeline import video_io
+from input_pipeline import extraction, video_io
 import video_fixtures
 
 TOL = 1e-4   # float32 end to end (fbank on the host, the backbone under jit), relative to the output scale
@@ -72,7 +72,7 @@ def _rel(got, want):
   return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
 
 
-def test_avhash_extract_matches_torch_and_feeds_the_encoder(backbones, videos, tmp_path):
+def test_avhash_extract_matches_torch_and_feeds_the_encoder(backbones, videos, tmp_path, monkeypatch):
   from avhash_jax import evaluate, extract, model
   from avhash_jax.data_lists import AVFeatures
   cfg, refs, dirs = backbones
@@ -113,6 +113,39 @@ def test_avhash_extract_matches_torch_and_feeds_the_encoder(backbones, videos, t
   with pytest.raises(SystemExit) as e:
     extract.main([*args[1:], f'--clip={tmp_path / "nowhere"}'])
   assert e.value.code == 2
+
+  # The CLIP batch function fails once, on the batch that holds the last 9 frames of 'tone' and the first 7 of
+  # 'silent' (batches of 16, 25 frames a video): both are logged (tone's finished audio half is dropped), every
+  # other video is written whole, and a rerun extracts the two.
+  real = extraction.PackedRunner
+  calls = []
+
+  class FaultyRunner(real):
+    def __init__(self, fn, batch_size):
+      def maybe_fail(x):
+        if x.ndim == 4:   # image batches [B, 224, 224, 3]
+          calls.append(1)
+          if len(calls) == 2:
+            raise RuntimeError('device fault')
+        return fn(x)
+      super().__init__(maybe_fail, batch_size)
+
+  monkeypatch.setattr(extraction, 'PackedRunner', FaultyRunner)
+  image2, audio2 = str(tmp_path / 'img2.h5'), str(tmp_path / 'aud2.h5')
+  args2 = [a for a in args if not a.startswith(('--image_output', '--audio_output'))] + [
+      f'--image_output={image2}', f'--audio_output={audio2}']
+  assert extract.main(args2) == 0
+  failed = [json.loads(x) for x in open(image2 + '.failures.jsonl')]
+  lost = sorted(f['id'] for f in failed if f['id'] != 'broken')
+  assert lost == ['silent', 'tone'] and all('device fault' in f['error'] for f in failed if f['id'] in lost)
+  with h5py.File(image2) as fi, h5py.File(audio2) as fa:
+    assert sorted(fi) == sorted(fa) == sorted(set(ok) - set(lost))
+  monkeypatch.setattr(extraction, 'PackedRunner', real)
+  assert extract.main(args2) == 0
+  with h5py.File(image2) as fi, h5py.File(audio2) as fa, h5py.File(image) as f1:
+    assert sorted(fi) == sorted(fa) == ok
+    for vid in lost:
+      np.testing.assert_allclose(fi[vid]['vectors'][()], f1[vid]['vectors'][()], rtol=1e-5, atol=1e-6)
 
 
 def test_hapvr_eval_extract_matches_torch_and_the_evaluator_reads_it(backbones, videos, tmp_path):

@@ -143,6 +143,51 @@ def test_run_records_failures_and_goes_on(tmp_path):
   assert '2 failed' in failures.summary()
 
 
+def test_failed_batch_fails_exactly_the_videos_in_it(tmp_path):
+  """A batch function that raises on one packed batch: every video with rows in that batch is logged as
+  failed (none silently lost), the videos of the batches around it are written, and the run goes on."""
+  videos = [extraction.Video(f'v{i}', f'v{i}.mp4') for i in range(6)]
+  lengths = [3, 2, 3, 4, 1, 2]   # batches of 4 rows: [v0 v0 v0 v1] [v1 v2 v2 v2] [v3 v3 v3 v3] [v4 v5 v5 pad]
+
+  def fn(x):
+    if (x == 2.0).any():   # the second batch holds v2's rows (and v1's last one)
+      raise RuntimeError('device fault')
+    return x + 1
+
+  runner = extraction.PackedRunner(fn, 4)
+  written = {}
+  failures = extraction.FailureLog(str(tmp_path / 'fail.jsonl'))
+  stats = extraction.run(videos, lambda v: np.full((lengths[int(v.video_id[1])], 2), float(v.video_id[1]),
+                                                   np.float32),
+                         runner.add, lambda v, out: written.__setitem__(v.video_id, out), runner.flush,
+                         failures=failures, workers=1)
+  assert sorted(written) == ['v0', 'v3', 'v4', 'v5'], written
+  np.testing.assert_array_equal(written['v5'], np.full((2, 2), 6.0))
+  assert stats['extracted'] == 4 and stats['failed'] == 2
+  failures.write()
+  lines = [json.loads(x) for x in open(tmp_path / 'fail.jsonl')]
+  assert sorted(x['id'] for x in lines) == ['v1', 'v2'] and all('device fault' in x['error'] for x in lines)
+
+
+def test_packed_runner_batch_error_keeps_completed_videos():
+  def fn(x):
+    if (x < 0).any():
+      raise ValueError('negative')
+    return x
+
+  runner = extraction.PackedRunner(fn, 2)
+  assert runner.add('a', np.ones((1, 1))) == []
+  with pytest.raises(extraction.BatchError) as e:
+    runner.add('b', -np.ones((3, 1)))   # [a b] fails: a and b are dropped, b's other rows too
+  assert e.value.keys == ['a', 'b'] and isinstance(e.value.cause, ValueError) and e.value.completed == []
+  assert [k for k, _ in runner.add('c', np.ones((2, 1)))] == ['c']   # the runner goes on
+  runner.add('f', np.ones((1, 1)))
+  with pytest.raises(extraction.BatchError) as e:
+    runner.add('g', np.array([[1.0], [1.0], [-1.0]]))   # [f g] completes f, then [g g] fails
+  assert e.value.keys == ['g'] and [k for k, _ in e.value.completed] == ['f']
+  assert runner.flush() == [] and runner.batches == 2
+
+
 def test_link_files_reads_as_one_file(tmp_path):
   from hapvr_jax import features
   parts = []
