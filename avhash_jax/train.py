@@ -149,6 +149,7 @@ def _save_best(workdir, params, model_config, record) -> None:
       shutil.rmtree(d, ignore_errors=True)
   _sync('avhash best: cleared')
   checkpoint.save_params(tmp, params, model_config.to_dict(), step=record['step'])
+  _sync('avhash best: written')   # no process may still be inside Orbax's handling of tmp when it is renamed
   if primary:
     io_util.write_json(os.path.join(tmp, 'best.json'), record)
     if os.path.exists(final):
