@@ -35,6 +35,7 @@ from avhash_jax import model as model_lib
 from avhash_jax import train_step as step_lib
 from common_jax import checkpoint
 from common_jax import cli
+from common_jax import distributed
 from common_jax import io_util
 from common_jax import mesh as mesh_lib
 from common_jax import metric_writer
@@ -78,12 +79,7 @@ def _prepare_demo(config, workdir):
       os.path.join(workdir, 'demo_data'), dim=config.model.hidden_size, tokens=config.model.tokens,
       visual_groups=d.visual_groups, audio_groups=d.audio_groups, styles=d.styles,
       train_per_class=d.train_per_class, val_per_class=d.val_per_class, test_per_class=d.test_per_class, seed=d.seed)
-  if jax.process_count() > 1:   # one writer; the others reuse the completed data after the barrier
-    from jax.experimental import multihost_utils
-    if jax.process_index() == 0:
-      make()
-    multihost_utils.sync_global_devices('avhash demo data written')
-  paths = make()
+  paths = distributed.primary_first(make, 'avhash demo data written')
   with config.unlocked():
     for key, path in paths.items():
       config[key] = path
@@ -132,12 +128,6 @@ def _initial_params(config, model_config):
   return params
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def _save_best(workdir, params, model_config, record) -> None:
   """WORKDIR/best replaced as a whole: written beside it, then swapped in by renames. Called on every process
   (Orbax's save is collective); process 0 alone removes and renames, between barriers."""
@@ -147,16 +137,16 @@ def _save_best(workdir, params, model_config, record) -> None:
   if primary:
     for d in (tmp, old):
       shutil.rmtree(d, ignore_errors=True)
-  _sync('avhash best: cleared')
+  distributed.barrier('avhash best: cleared')
   checkpoint.save_params(tmp, params, model_config.to_dict(), step=record['step'])
-  _sync('avhash best: written')   # no process may still be inside Orbax's handling of tmp when it is renamed
+  distributed.barrier('avhash best: written')   # no process may still be inside Orbax's handling of tmp when it is renamed
   if primary:
     io_util.write_json(os.path.join(tmp, 'best.json'), record)
     if os.path.exists(final):
       os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-  _sync('avhash best: replaced')
+  distributed.barrier('avhash best: replaced')
 
 
 def _read_best(workdir) -> dict:

@@ -83,3 +83,22 @@ def maybe_initialize(env: Mapping[str, str] | None = None) -> bool:
   jax.distributed.initialize(**kwargs)
   _initialized = True
   return True
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (a device collective); a no-op in a single process.
+  `name` must be the same on every process and unique among the barriers a run passes."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def primary_first(make, name: str):
+  """`make()` on process 0 first, then, past a barrier, on every process, returning its result. For idempotent
+  writers (the demo corpora): one process writes, the others only find the finished output."""
+  import jax
+  if jax.process_count() > 1 and jax.process_index() == 0:
+    make()
+  barrier(name)
+  return make()

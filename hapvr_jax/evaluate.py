@@ -57,7 +57,7 @@ def load_model(config):
 def evaluate(config, workdir: str) -> dict:
   """Scores, metrics and outputs. Raises engine_state.Stopped (partial results kept) on SIGTERM/SIGINT."""
   import jax
-  from common_jax import mesh as mesh_lib, preemption
+  from common_jax import distributed, mesh as mesh_lib, preemption
   from hapvr_jax import benchmarks, engine as engine_lib, engine_state, features as features_lib
 
   os.makedirs(workdir, exist_ok=True)
@@ -68,7 +68,7 @@ def evaluate(config, workdir: str) -> dict:
     if writer:   # one writer; the others read the finished corpus after the barrier
       synthetic.make_fivr_corpus(data_dir, config.demo.num_queries, config.demo.num_database,
                                  seed=config.demo.seed)
-    _barrier(multi, 'hapvr demo data written')
+    distributed.barrier('hapvr demo data written')
     config.features, config.annotations = os.path.join(data_dir, 'features.hdf5'), data_dir
   for key in ('features', 'annotations'):
     if not config[key]:
@@ -119,15 +119,9 @@ def evaluate(config, workdir: str) -> dict:
       if curves:
         benchmarks.plot_pr_curves(curves, os.path.join(workdir, 'pr_curves.png'))
     io_util.write_json(os.path.join(workdir, 'metrics.json'), metrics)
-  _barrier(multi, 'hapvr evaluation outputs written')   # no partial is dropped before the outputs exist
+  distributed.barrier('hapvr evaluation outputs written')   # no partial is dropped before the outputs exist
   shutil.rmtree(state_dir, ignore_errors=True)
   return metrics
-
-
-def _barrier(multi: bool, name: str) -> None:
-  if multi:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def main(argv):

@@ -25,6 +25,7 @@ from absl import logging
 
 from common_jax import checkpoint
 from common_jax import cli
+from common_jax import distributed
 from common_jax import mesh as mesh_lib
 from common_jax import metric_writer
 from common_jax import preemption
@@ -77,12 +78,7 @@ def _prepare_demo(config, workdir):
   make = lambda: demo_data.make_demo(os.path.join(workdir, 'demo_data'), dims=config.model.dims,
                                      window=config.data.window, train_videos=d.train_videos,
                                      num_queries=d.num_queries, num_database=d.num_database, seed=config.seed)
-  if jax.process_count() > 1:   # one writer; the others reuse the completed data after the barrier
-    from jax.experimental import multihost_utils
-    if jax.process_index() == 0:
-      make()
-    multihost_utils.sync_global_devices('hapvr demo data written')
-  data = make()
+  data = distributed.primary_first(make, 'hapvr demo data written')
   with config.unlocked():
     config.data.path = data['shards']
     config.eval.features, config.eval.annotations = data['features'], data['annotations']
