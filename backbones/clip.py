@@ -54,10 +54,7 @@ class Config(config_util.JsonConfig):
   layer_norm_eps: float = 1e-5
 
   def __post_init__(self):
-    if self.width % self.num_heads:
-      raise ValueError(f'width={self.width} is not a multiple of num_heads={self.num_heads}')
-    if self.image_size % self.patch_size:
-      raise ValueError(f'image_size={self.image_size} is not a multiple of patch_size={self.patch_size}')
+    vl.check_dims('width', self.width, self.num_heads, self.image_size, self.patch_size)
 
   @classmethod
   def full(cls) -> 'Config':

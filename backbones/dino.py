@@ -59,10 +59,7 @@ class Config(config_util.JsonConfig):
   def __post_init__(self):
     if self.normalize not in NORMALIZE:
       raise ValueError(f'normalize={self.normalize!r} is not one of {NORMALIZE}')
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f'hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}')
-    if self.image_size % self.patch_size:
-      raise ValueError(f'image_size={self.image_size} is not a multiple of patch_size={self.patch_size}')
+    vl.check_dims('hidden_size', self.hidden_size, self.num_heads, self.image_size, self.patch_size)
 
   @classmethod
   def full(cls) -> 'Config':

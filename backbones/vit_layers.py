@@ -96,6 +96,14 @@ class Block(nn.Module):
         layer_norm(self.eps, nb, self.dtype)(x))
 
 
+def check_dims(width_name: str, width: int, num_heads: int, image_size: int, patch_size: int) -> None:
+  """The shape rules of an image ViT config, checked when it is built (`width_name`: the field's name)."""
+  if width % num_heads:
+    raise ValueError(f'{width_name}={width} is not a multiple of num_heads={num_heads}')
+  if image_size % patch_size:
+    raise ValueError(f'image_size={image_size} is not a multiple of patch_size={patch_size}')
+
+
 def check_grid(height: int, width: int, patch: int, image_size: int, what: str) -> None:
   """Position embeddings are stored for image_size x image_size; other sizes are refused (no interpolation)."""
   if height != image_size or width != image_size:
