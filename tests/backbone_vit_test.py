@@ -248,3 +248,12 @@ def test_clip_config_inference_preprocess_and_bf16(clip_refs):
   ref = fn(xin)
   assert out.dtype == np.float32
   assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_configs_refuse_shapes_that_do_not_divide():
+  with pytest.raises(ValueError, match='width=30 is not a multiple of num_heads=4'):
+    clip.Config(width=30, num_heads=4)
+  with pytest.raises(ValueError, match='hidden_size=30 is not a multiple of num_heads=4'):
+    dino.Config(hidden_size=30, num_heads=4)
+  with pytest.raises(ValueError, match='image_size=30 is not a multiple of patch_size=16'):
+    dino.Config(image_size=30)
