@@ -96,7 +96,11 @@ def bench_train(a, out):
 
   model, cls_token = ref.make_reference(a.seed, a.bits, hidden=a.hidden, heads=a.heads,
                                         intermediate=a.intermediate, max_positions=512)
-  params, mcfg = convert_state_dict(model.state_dict(), cls_token.numpy(), num_heads=a.heads)
+  # Converted from a snapshot: the torch steps below update the model in place, and the eval-mode check must
+  # compare both sides at these initial weights (convert_state_dict copies too).
+  snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+  params, mcfg = convert_state_dict(snapshot, cls_token.numpy(), num_heads=a.heads)
+  del snapshot
   rng = np.random.default_rng(a.seed)
   shape = (b, 2 + N_NEG, mcfg.tokens, mcfg.hidden_size)
   batch = {'image': rng.standard_normal(shape, np.float32), 'audio': rng.standard_normal(shape, np.float32),

@@ -1,6 +1,6 @@
 """Helpers shared by every PyTorch -> Flax converter (the AVHash network and the backbones).
 
-A converter is a table of rows (torch key, Flax path, transform). These helpers turn tensors into NumPy,
+A converter is a table of rows (torch key, Flax path, transform). These helpers turn tensors into NumPy copies,
 check a state_dict against the expected shapes (every missing, unexpected and mis-shaped key reported in one
 error), place arrays into a nested parameter dict, and read torch.save / safetensors files without
 unpickling arbitrary objects.
@@ -25,13 +25,16 @@ def check_new_output(output: str) -> None:
 
 
 def to_numpy(sd: Mapping[str, Any]) -> dict:
-  """torch tensors (any device/dtype) or arrays -> NumPy arrays, keys unchanged."""
+  """torch tensors (any device/dtype) or arrays -> NumPy arrays that own their memory, keys unchanged.
+
+  Always a copy: `Tensor.numpy()` shares the tensor's memory and so does `jax.device_put` on the CPU, so
+  without it a torch update in place (an optimizer step) would change the converted parameters."""
   out = {}
   for k, v in sd.items():
     if hasattr(v, 'detach'):
       v = v.detach().cpu()
       v = v.float().numpy() if str(v.dtype) == 'torch.bfloat16' else v.numpy()
-    out[k] = np.asarray(v)
+    out[k] = np.array(v, copy=True)
   return out
 
 

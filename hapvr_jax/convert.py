@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from common_jax.convert_util import to_numpy
 from hapvr_jax.model import ModelConfig
 
 # torch key suffix -> (flax path, transform). 'T': Linear weight [out, in] -> kernel [in, out];
@@ -63,11 +64,11 @@ def expected_shapes(cfg: ModelConfig) -> dict:
 def normalise_keys(state_dict: Mapping[str, Any]) -> tuple[dict, str]:
   """Strips a DDP `module.` prefix and renames S2VS's `visil_head` to `comparator_module`."""
   out, source = {}, 'hapvr'
-  for key, value in state_dict.items():
+  for key, value in to_numpy(state_dict).items():   # copies: the params must not share the tensors' memory
     key = key[len('module.'):] if key.startswith('module.') else key
     if key.startswith('visil_head.'):
       key, source = 'comparator_module.' + key[len('visil_head.'):], 's2vs'
-    out[key] = np.asarray(value.detach().cpu().numpy() if hasattr(value, 'detach') else value)
+    out[key] = value
   return out, source
 
 
