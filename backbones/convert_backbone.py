@@ -4,7 +4,8 @@ r"""Converts a PyTorch backbone checkpoint into a Flax checkpoint directory (no 
       --pca=pca_resnet50_vcdb_1M.pth --output=ckpt/resnet50_irmac
   python -m backbones.convert_backbone --arch=dino_vits16 --torch_checkpoint=dino_deitsmall16_pretrain.pth \
       --output=ckpt/dino_vits16
-  python -m backbones.convert_backbone --arch=clip_vitl14 --torch_checkpoint=ViT-L-14.pt --output=ckpt/clip_vitl14
+  python -m backbones.convert_backbone --arch=clip_vitl14 --torch_checkpoint=ViT-L-14.pt --trusted_torchscript \
+      --output=ckpt/clip_vitl14
   python -m backbones.convert_backbone --arch=ast \
       --torch_checkpoint=ast-finetuned-audioset-10-10-0.4593/model.safetensors --output=ckpt/ast
 
@@ -19,10 +20,12 @@ Accepted layouts (each module's TABLE maps them; the layout is recognised from t
   ast             transformers' AST (MIT/ast-finetuned-audioset-10-10-0.4593: ASTForAudioClassification or
                   ASTModel, hub or transformers-5 key names; the classifier is dropped).
 
-Files are read with torch.load(weights_only=True), safetensors or NumPy; a TorchScript archive (OpenAI's .pt)
-is opened with torch.jit.load on the CPU. The output directory (Orbax params + model_config.json {"arch",
-"config"}) is read by `backbones.registry.load` and the extraction CLIs. Missing, unexpected and mis-shaped
-tensors are listed together in one error; an existing non-empty --output is refused.
+Files are read with torch.load(weights_only=True), safetensors or NumPy, none of which runs code from the file.
+A TorchScript archive (OpenAI's ViT-L-14.pt) holds code that torch.jit.load runs, so it is opened only with
+--trusted_torchscript (a file you trust); transformers' openai/clip-vit-large-patch14 model.safetensors needs
+no such trust. The output directory (Orbax params + model_config.json {"arch", "config"}) is read by
+`backbones.registry.load` and the extraction CLIs. Missing, unexpected and mis-shaped tensors are listed
+together in one error; an existing non-empty --output is refused.
 """
 from __future__ import annotations
 
@@ -38,14 +41,20 @@ from common_jax.convert_util import ConversionError, check_new_output, load_torc
 from backbones import registry
 
 
-def load_state_dict(path: str) -> dict:
-  """The tensors of a torch.save / safetensors / npz file, or of a TorchScript archive (OpenAI CLIP)."""
+def load_state_dict(path: str, trusted_torchscript: bool = False) -> dict:
+  """The tensors of a torch.save / safetensors / npz file, or of a TorchScript archive (OpenAI CLIP) when the
+  caller says the file is trusted."""
   if os.path.isfile(path) and not path.endswith(('.safetensors', '.npz')):
     import zipfile
     if zipfile.is_zipfile(path):
       with zipfile.ZipFile(path) as z:
         scripted = any(n.endswith('/constants.pkl') or n.endswith('code/__torch__.py') for n in z.namelist())
       if scripted:
+        if not trusted_torchscript:
+          raise ConversionError(
+              f'{path}: is a TorchScript archive, whose code torch.jit.load would run; pass --trusted_torchscript '
+              'if it is a file you trust (e.g. downloaded from OpenAI), or convert a plain state_dict instead, such '
+              "as transformers' openai/clip-vit-large-patch14 model.safetensors")
         import torch
         try:
           return to_numpy(torch.jit.load(path, map_location='cpu').state_dict())
@@ -55,7 +64,8 @@ def load_state_dict(path: str) -> dict:
 
 
 def run_conversion(arch: str, torch_checkpoint: str, output: str, pca: Optional[str] = None,
-                   num_heads: Optional[int] = None, pca_dims: Optional[int] = None):
+                   num_heads: Optional[int] = None, pca_dims: Optional[int] = None,
+                   trusted_torchscript: bool = False):
   """Writes the converted backbone; returns (params, Config). Raises ConversionError on bad input."""
   check_new_output(output)
   mod = registry.module(arch)
@@ -72,7 +82,8 @@ def run_conversion(arch: str, torch_checkpoint: str, output: str, pca: Optional[
     if arch == 'resnet50_irmac':
       raise ConversionError('--num_heads applies to the transformer backbones only')
     extra['num_heads'] = num_heads
-  params, config = mod.convert(load_state_dict(torch_checkpoint), where=torch_checkpoint, **extra)
+  state_dict = load_state_dict(torch_checkpoint, trusted_torchscript)
+  params, config = mod.convert(state_dict, where=torch_checkpoint, **extra)
   registry.save(output, arch, params, config)
   return params, config
 
@@ -85,10 +96,12 @@ def main(argv=None) -> int:
   parser.add_argument('--pca_dims', type=int, help='resnet50_irmac: PCA components kept (default 512, as ViSiL)')
   parser.add_argument('--num_heads', type=int, help='attention heads (not stored in the weights; default width/64)')
   parser.add_argument('--output', required=True, help='new directory for the Orbax checkpoint + model_config.json')
+  parser.add_argument('--trusted_torchscript', action='store_true',
+                      help='allow a TorchScript archive (its code runs while loading); only for files you trust')
   flags = parser.parse_args(argv)
   with cli.clear_errors():
     params, config = run_conversion(flags.arch, flags.torch_checkpoint, flags.output, flags.pca, flags.num_heads,
-                                    flags.pca_dims)
+                                    flags.pca_dims, flags.trusted_torchscript)
   import jax
   n = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(params))
   print(f'wrote {flags.output}: {flags.arch}, {n:,} parameters, config {config.to_dict()}')

@@ -240,7 +240,7 @@ def original_checkpoint(args, orig, bert_dir, config_path, workdir, log):
 def recenter_hash(args, orig, ckpt, config_path):
   """Standardises hash.linear1's pre-activations over the retrieval set (original model, eval mode)."""
   torch = orig.torch
-  state = torch.load(ckpt, map_location='cpu')
+  state = torch.load(ckpt, map_location='cpu', weights_only=True)
   model = orig.model.MMVH(model_config_path=os.path.join(args.workdir, 'bert'), cls_path=orig.cls_path,
                           hashcode_size=args.bits)
   model.load_state_dict(state['berthash'], strict=True)
@@ -319,7 +319,7 @@ def original_eval(args, orig, ckpt, config_path, log):
   # 3b: test_model's steps, keeping the continuous outputs h through a hook on the hash layer.
   model = orig.model.MMVH(model_config_path=os.path.join(args.workdir, 'bert'), cls_path=orig.cls_path,
                           hashcode_size=args.bits)
-  model.load_state_dict(torch.load(ckpt, map_location='cpu')['berthash'], strict=True)
+  model.load_state_dict(torch.load(ckpt, map_location='cpu', weights_only=True)['berthash'], strict=True)
   model.eval()
   outputs = []
   hook = model.hash.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach().clone()))
