@@ -10,12 +10,15 @@ keeps its own AP convention:
 
 Tie order (decision 15): a stable sort by descending score, ties in ``db_ids`` order; pooled (µAP) rankings
 break ties by (query, database) order, queries in sorted order. Videos that were not loaded leave the
-candidates and the ground truth as the original's ``all_db`` logic does. Numpy only at import.
+candidates and the ground truth as the original's ``all_db`` logic does. Numpy only at import. The annotation
+pickles come from third-party repositories: they are read with common_jax.safe_pickle, which refuses anything
+but plain data before any of it runs.
 """
-import pickle
 from pathlib import Path
 
 import numpy as np
+
+from common_jax import safe_pickle
 
 NAMES = ('fivr_5k', 'fivr_200k', 'evve', 'svd')
 _LEVEL = {'ND': 0, 'DS': 0, 'CS': 1, 'IS': 2}  # FIVR task t (DS, CS, IS) uses the labels of level <= t
@@ -40,7 +43,9 @@ def _read(path):
 def _load_pickle(path, keys):
   raw = _read(path)
   try:
-    data = pickle.loads(raw)
+    data = safe_pickle.loads(raw, str(path), 'an annotation pickle')
+  except safe_pickle.UnsafePickleError as e:
+    raise AnnotationError(str(e)) from None
   except Exception as e:  # any unpickling failure means a corrupt or foreign file
     _fail(path, f'cannot be unpickled ({type(e).__name__}: {e})')
   if not isinstance(data, dict) or not set(keys) <= data.keys():
