@@ -12,8 +12,10 @@ normalised; AST pooled output (mean of CLS and distillation tokens). A video wit
 vectors (`--no_audio=zeros`, the default, counted in the summary) or is recorded as a failure (`fail`).
 
 The two files have one group per video id holding a dataset `vectors`, float32 [25, 768]: the original's
-layout, which `avhash_jax.evaluate`, training and `input_pipeline.make_av_shards` read. Resumable, never half-written at the final names, `--num_shards/
---shard_index` for several hosts, failures in `<image_output>.failures.jsonl` (see hapvr_jax.extract).
+layout, which `avhash_jax.evaluate`, training and `input_pipeline.make_av_shards` read. Resumable, never
+half-written at the final names, `--num_shards/--shard_index` for several hosts, failures in
+`<image_output>.failures.jsonl`, the settings recorded and a resume with other ones refused, a full disk one
+error line (see hapvr_jax.extract).
 """
 from __future__ import annotations
 
@@ -41,16 +43,17 @@ def audio_inputs(wave: np.ndarray, times: np.ndarray, mode: str, window: float, 
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = extraction.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--clip', required=True, help='converted clip_vitl14 directory')
   parser.add_argument('--ast', required=True, help='converted ast directory')
   parser.add_argument('--image_output', required=True, help='HDF5 file of CLIP features')
   parser.add_argument('--audio_output', required=True, help='HDF5 file of AST features')
   parser.add_argument('--audio_segments', choices=('windows', 'chunks'), default='windows')
-  parser.add_argument('--audio_window', type=float, default=5.0, help='seconds per centred audio window')
+  parser.add_argument('--audio_window', type=extraction.positive_float, default=5.0,
+                      help='seconds per centred audio window')
   parser.add_argument('--no_audio', choices=('zeros', 'fail'), default='zeros')
-  parser.add_argument('--batch_size', type=int, default=100, help='frames per CLIP batch')
-  parser.add_argument('--audio_batch_size', type=int, default=50, help='segments per AST batch')
+  parser.add_argument('--batch_size', type=extraction.positive_int, default=100, help='frames per CLIP batch')
+  parser.add_argument('--audio_batch_size', type=extraction.positive_int, default=50, help='segments per AST batch')
   extraction.add_flags(parser)
   flags = parser.parse_args(argv)
   with cli.clear_errors():
@@ -69,7 +72,10 @@ def extract(flags) -> int:
   for name, net, size in (('image', clip, flags.batch_size), ('audio', ast, flags.audio_batch_size)):
     fn, multiple = registry.batch_fn([net])
     runners[name] = extraction.PackedRunner(lambda x, fn=fn: fn(x)[0], -(-size // multiple) * multiple)
-  writer = feature_writer.ResumableH5(paths)
+  writer = feature_writer.ResumableH5(paths, {
+      'clip': extraction.backbone_identity(clip), 'ast': extraction.backbone_identity(ast), 'frames': SEGMENTS,
+      'audio_segments': flags.audio_segments, 'audio_window': float(flags.audio_window),
+      'no_audio': flags.no_audio, 'keep_extension': flags.keep_extension})
   failures = extraction.FailureLog(paths['image'] + '.failures.jsonl')
   silent, partial, dropped = [], {}, set()
 
@@ -131,7 +137,7 @@ def extract(flags) -> int:
         raise ValueError(f'{video.path}: {name} features of shape {x.shape} with non-finite values')
     writer.write(video.video_id, {
         name: (lambda f, x=x.astype(np.float32): f.create_group(video.video_id).create_dataset('vectors', data=x))
-        for name, x in out.items()})
+        for name, x in out.items()}, {name: x.size * 4 for name, x in out.items()})
 
   stats = extraction.run_resumable(videos, writer, failures, decode, compute, write, flush, flags.workers,
                                    'avhash features')

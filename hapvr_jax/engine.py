@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from common_jax import mesh as mesh_lib
+from common_jax import faults, mesh as mesh_lib
 from hapvr_jax import engine_state as state_lib
 from hapvr_jax import similarity as sim_lib
 from hapvr_jax.features import FeatureFile
@@ -249,7 +249,7 @@ class Engine:
     counts = np.zeros(len(db_ids), np.int64)
     done, partial, restored = set(), None, None
     if state_dir:
-      partial, restored = state_lib.open_partial(state_dir, k, n, self, ff.path, query_ids, db_ids, blocks)
+      partial, restored = state_lib.open_partial(state_dir, k, n, self, ff, query_ids, db_ids, blocks)
     if restored is not None:
       sums, counts, done = restored
     mine = [b for b in range(len(blocks)) if b % n == k]
@@ -271,6 +271,7 @@ class Engine:
           raise got
         self._add_block(chunks, *got, sums, counts)
         done.add(b)
+        faults.point('evaluate.block_scored')   # scored, not yet saved
         bar.update(len(got[0]) * len(query_ids))
         if stop is not None and stop():
           if partial is not None:

@@ -6,9 +6,11 @@ running sums; so the state of a run is just (sums, counts, finished block ids). 
 atomically every `save_every_s` seconds, at the end and on a stop request; a rerun restores it, skips the
 finished blocks (they are not even read from HDF5) and adds the remaining ones in the same order, which gives
 bit-identical results. The file carries a fingerprint of everything the sums depend on (query and database
-ids, model and engine config, a hash of the parameters, the feature file, the block plan); a partial from
-other inputs is refused with a ValueError naming what changed, never silently mixed in nor silently dropped
-(a stale partial usually means a wrong command line, and the user should decide).
+ids, model and engine config, a hash of the parameters, the content of the feature file, the block plan); a
+partial from other inputs is refused with a ValueError naming what changed, never silently mixed in nor
+silently dropped (a stale partial usually means a wrong command line, and the user should decide). The feature
+file is identified by content, not by name and size (a file rewritten in place keeps both): every video's id,
+shape, dtype and first, middle and last frame, 3 frame reads a video (FeatureFile.content_digest).
 
 Several processes (multi-host) split the plan round-robin (block b goes to process b % n), each on a mesh of
 its own devices with its own partial file `partial-<k>-of-<n>.npz`, and their sums are added at the end. The
@@ -30,9 +32,9 @@ import numpy as np
 import jax
 from absl import logging
 
-from common_jax import io_util
+from common_jax import faults, io_util
 
-FORMAT = 1
+FORMAT = 2   # 2: features identified by content
 
 
 class Stopped(Exception):
@@ -56,11 +58,10 @@ def params_digest(params) -> str:
   return h.hexdigest()[:16]
 
 
-def fingerprint(*, query_ids, db_ids, model_config: dict, engine_config: dict, params, features_path: str,
+def fingerprint(*, query_ids, db_ids, model_config: dict, engine_config: dict, params, features_digest: str,
                 plan) -> dict:
   """What the partial sums depend on, as short readable strings (they are shown when they differ)."""
   engine = {k: v for k, v in engine_config.items() if k != 'prefetch_blocks'}   # speed only, not results
-  path = os.path.abspath(features_path)
   return {
       'format': str(FORMAT),
       'queries': f'{len(query_ids)} ids, sha1 {_digest(query_ids)}',
@@ -68,7 +69,7 @@ def fingerprint(*, query_ids, db_ids, model_config: dict, engine_config: dict, p
       'model_config': json.dumps(model_config, sort_keys=True),
       'engine_config': json.dumps(engine, sort_keys=True),
       'params': f'sha1 {params_digest(params)}',
-      'features': f'{path} ({os.path.getsize(path)} bytes)',
+      'features': f'sha1 {features_digest} (ids, shapes, dtypes, first/middle/last frames)',
       'plan': f'{len(plan)} blocks, sha1 {_digest((length, n, its) for length, its, n in plan)}',
   }
 
@@ -116,14 +117,14 @@ class PartialFile:
       np.savez(f, fingerprint=np.array(json.dumps(self.fp, sort_keys=True)), cols=cols, sums=sums[:, cols],
                counts=counts[cols], done=np.array(sorted(done), np.int64))
     self.saved_at = time.time()
+    faults.point('evaluate.partial_saved')
 
 
-def open_partial(state_dir: str, process_index: int, process_count: int, engine, features_path: str, query_ids,
-                 db_ids, plan):
+def open_partial(state_dir: str, process_index: int, process_count: int, engine, ff, query_ids, db_ids, plan):
   """(this process's PartialFile, what it restores: (sums, counts, finished block ids) or None)."""
   fp = fingerprint(query_ids=list(query_ids), db_ids=list(db_ids), model_config=engine.model_config.to_dict(),
                    engine_config=dataclasses.asdict(engine.config), params=engine.params,
-                   features_path=features_path, plan=plan)
+                   features_digest=ff.content_digest(list(query_ids) + list(db_ids)), plan=plan)
   partial = PartialFile(state_dir, process_index, process_count, fp)
   return partial, partial.load(len(query_ids), len(db_ids))
 

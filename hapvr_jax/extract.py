@@ -16,7 +16,10 @@ host; the folder is a training store, and `--shards_output` also converts it to 
 Resumable (rerun the same command: logged ids are skipped, a half-written video is redone), never half-written
 at the final name, `--num_shards/--shard_index` (default: the jax process count/index) split one collection
 over hosts (`x.h5` -> `x-00001-of-00004.h5`). Unreadable videos are logged to `<output>.failures.jsonl` and
-skipped; the run ends with a summary (exit 0, or 1 when some videos failed and `--strict`).
+skipped; the run ends with a summary (exit 0, or 1 when some videos failed and `--strict`). The settings that
+determine the features (mode, fps, dtype, backbone weights, views, ...) are recorded in the output, and
+resuming or extending it with other settings is refused. A full disk ends the run with one error line, the
+finished videos kept.
 """
 from __future__ import annotations
 
@@ -72,24 +75,41 @@ def _list_files(folder: str, pattern: str):
   return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(pattern))
 
 
+def settings(flags, nets, dtype) -> dict:
+  """What determines the stored features: a resumed or extended output must have been made with the same."""
+  out = {'mode': flags.mode, 'fps': float(flags.fps), 'dtype': dtype.name, 'short_side': 256,
+         'crop': 224 if flags.mode == 'eval' else 'none', 'keep_extension': flags.keep_extension,
+         'resnet': extraction.backbone_identity(nets[0])}
+  if flags.mode == 'train':
+    out.update(dino=extraction.backbone_identity(nets[1]), dino_normalize=flags.dino_normalize, views=flags.views,
+               segments=flags.segments, segment_frames=SEGMENT_FRAMES, seed=flags.seed,
+               fonts_dir=os.path.abspath(flags.fonts_dir) if flags.fonts_dir else '',
+               emojis_dir=os.path.abspath(flags.emojis_dir) if flags.emojis_dir else '')
+  return out
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = extraction.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--mode', choices=('eval', 'train'), default='eval')
   parser.add_argument('--output', required=True, help='HDF5 file to write (per host: -0000k-of-0000n added)')
   parser.add_argument('--resnet', required=True, help='converted resnet50_irmac (with PCA) directory')
   parser.add_argument('--dino', default='', help='converted dino_vits16 directory (train mode)')
   parser.add_argument('--dino_normalize', choices=('none', 'imagenet'), default='none',
                       help="DINO input: the original's raw [0,255] pixels (none) or ImageNet normalisation")
-  parser.add_argument('--views', type=int, default=4, help='train: views per segment (1 weak + views-1 strong)')
-  parser.add_argument('--segments', type=int, default=2, help='train: 56-frame segments per video')
-  parser.add_argument('--bank_size', type=int, default=0, help='train: black/noise bank entries per kind')
+  parser.add_argument('--views', type=extraction.positive_int, default=4,
+                      help='train: views per segment (1 weak + views-1 strong)')
+  parser.add_argument('--segments', type=extraction.positive_int, default=2,
+                      help='train: 56-frame segments per video')
+  parser.add_argument('--bank_size', type=extraction.non_negative_int, default=0,
+                      help='train: black/noise bank entries per kind')
   parser.add_argument('--fonts_dir', default='', help='TTF fonts for text overlays (e.g. augly\'s fonts)')
   parser.add_argument('--emojis_dir', default='', help='RGBA PNG emojis for emoji overlays (e.g. augly\'s)')
   parser.add_argument('--shards_output', default='', help='train: also write ArrayRecord shards here at the end')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--fps', type=float, default=1.0)
+  parser.add_argument('--fps', type=extraction.positive_float, default=1.0)
   parser.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='eval features dtype')
-  parser.add_argument('--batch_size', type=int, default=128, help='frames per accelerator batch')
+  parser.add_argument('--batch_size', type=extraction.positive_int, default=128,
+                      help='frames per accelerator batch')
   extraction.add_flags(parser)
   flags = parser.parse_args(argv)
   with cli.clear_errors():
@@ -116,9 +136,9 @@ def extract(flags) -> int:
   runner = extraction.PackedRunner(fn if train else (lambda x: fn(x)[0]), batch)
   fonts = _list_files(flags.fonts_dir, '.ttf') if flags.fonts_dir else None
   emojis = _list_files(flags.emojis_dir, '.png') if flags.emojis_dir else None
-  writer = feature_writer.ResumableH5({'features': output})
+  dtype = np.dtype(np.float16) if train else np.dtype(flags.dtype)
+  writer = feature_writer.ResumableH5({'features': output}, settings(flags, nets, dtype))
   failures = extraction.FailureLog(output + '.failures.jsonl')
-  dtype = np.float16 if train else np.dtype(flags.dtype)
   meta = {}
 
   def decode(video):
@@ -152,12 +172,14 @@ def extract(flags) -> int:
           g.create_dataset('regions', data=regions[rows].astype(dtype))
           g.create_dataset('teacher', data=teacher[rows].astype(dtype))
           g.attrs['meta'] = json.dumps(m)
+      nbytes = (regions.size + teacher.size) * dtype.itemsize
     else:
       if not np.isfinite(out).all():
         raise ValueError(f'{video.path}: non-finite features')
       put = lambda f: f.create_dataset(video.video_id, data=out.astype(dtype), compression='gzip',
                                        compression_opts=4)
-    writer.write(video.video_id, {'features': put})
+      nbytes = out.size * dtype.itemsize
+    writer.write(video.video_id, {'features': put}, nbytes)
 
   stats = extraction.run_resumable(videos, writer, failures, decode, runner.add, write, runner.flush, flags.workers,
                                    f'{flags.mode} features')

@@ -3,12 +3,14 @@
 
 Videos are read one at a time (FIVR-200K's file is ~400 GB): `lengths()` reads only the dataset shapes,
 `read()` one video. Every read is validated, and a bad video stops the run with an error naming the file and
-the id, where the original silently skipped it. Short videos are tiled as the original's loader does: the
-whole array is concatenated with itself while it is shorter than `min_len` (so 3 frames become 12 with
-min_len 8, not 8).
+the id, where the original silently skipped it: a wanted id stored as a group or a broken link, and a video
+whose region count differs from the others' (a [T, 7, 512] or [T, 512] video in a [T, 9, 512] file), are
+errors too. Short videos are tiled as the original's loader does: the whole array is concatenated with itself
+while it is shorter than `min_len` (so 3 frames become 12 with min_len 8, not 8).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Optional
 
@@ -47,6 +49,7 @@ class FeatureFile:
     self.dims = dims
     self.min_len = min_len
     self._h5 = None
+    self._layout = None   # (regions, video id, shape) of the first video seen: every other must match
 
   def _file(self) -> h5py.File:
     if self._h5 is None:
@@ -66,10 +69,16 @@ class FeatureFile:
       self._h5.close()
       self._h5 = None
 
-  def ids(self) -> set:
-    """The video ids in the file (datasets at the root; groups and other objects are ignored)."""
+  def ids(self, wanted: Iterable[str] = ()) -> set:
+    """The video ids in the file (datasets at the root). Other objects are ignored, except that an id of
+    `wanted` stored as a group or a broken link is an error (silently dropping it would change the results)."""
     f = self._file()
-    return {k for k, v in f.items() if isinstance(v, h5py.Dataset)}
+    items = dict(f.items())   # a broken external link reads as None
+    for vid in sorted(set(wanted) & set(items)):
+      if not isinstance(items[vid], h5py.Dataset):
+        what = 'a broken link' if items[vid] is None else f'a {type(items[vid]).__name__.lower()}'
+        raise FeatureError(f'{self.path}: {vid!r} is {what}, not a feature dataset [T, R, D]')
+    return {k for k, v in items.items() if isinstance(v, h5py.Dataset)}
 
   def _dataset(self, video_id: str) -> h5py.Dataset:
     f = self._file()
@@ -87,7 +96,19 @@ class FeatureFile:
                          f'(shape {ds.shape}); the model expects {self.dims}')
     if ds.shape[0] == 0 or (ds.ndim == 3 and ds.shape[1] == 0):
       raise FeatureError(f'{self.path}: video {video_id!r} is empty (shape {ds.shape})')
+    self._check_regions(video_id, ds.shape)
     return ds
+
+  def _check_regions(self, video_id: str, shape) -> None:
+    """Every video must have the first one's region count ([T, D] counts as one region)."""
+    regions = 1 if len(shape) == 2 else int(shape[1])
+    if self._layout is None:
+      self._layout = (regions, video_id, tuple(shape))
+    elif regions != self._layout[0]:
+      first_regions, first, first_shape = self._layout
+      raise FeatureError(f'{self.path}: video {video_id!r} has shape {tuple(shape)} ({regions} region(s) per '
+                         f'frame), but video {first!r} has shape {first_shape} ({first_regions}); all videos of a '
+                         'feature file need the same region count')
 
   def raw_length(self, video_id: str) -> int:
     return int(self._dataset(video_id).shape[0])
@@ -113,12 +134,27 @@ class FeatureFile:
     x = tile_min_len(np.asarray(x, np.float32), self.min_len)
     return x[:, None, :] if x.ndim == 2 else x
 
+  def content_digest(self, video_ids: Iterable[str]) -> str:
+    """sha1 over each video's id, shape, dtype and its first, middle and last frame: identifies the content
+    a run reads (an in-place rewrite of the same size changes it) while reading 3 frames a video, not 400 GB."""
+    h = hashlib.sha1()
+    for vid in video_ids:
+      ds = self._dataset(vid)
+      n = ds.shape[0]
+      h.update(f'{vid}:{ds.shape}:{ds.dtype}'.encode('utf-8'))
+      for i in sorted({0, n // 2, n - 1}):
+        try:
+          h.update(ds[i].tobytes())
+        except OSError as e:
+          raise FeatureError(f'{self.path}: video {vid!r} cannot be read ({e})') from e
+    return h.hexdigest()[:16]
+
 
 def open_split(bench, features: str, model_config):
   """(feature file, queries, database): the benchmark's videos present in the feature file, in benchmark
   order; an error if no query or no database video is there."""
   ff = FeatureFile(features, dims=model_config.dims, min_len=model_config.min_len)
-  present = ff.ids()
+  present = ff.ids(wanted=set(bench.queries) | set(bench.database))
   queries = [q for q in bench.queries if q in present]
   database = [d for d in bench.database if d in present]
   logging.info('%s: %d/%d queries and %d/%d database videos found in %s', bench.name, len(queries),

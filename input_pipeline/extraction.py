@@ -8,15 +8,18 @@
 accelerator, and hands each decoded video to `compute` (the jitted backbones, see `PackedRunner`) and then to
 `write`, in list order. A video whose decoding or computation fails (`VideoError`, bad frames, any exception
 raised for that video) is recorded in the failure log and the run goes on; the failures are summarised at the
-end and written as JSON lines. A SIGTERM/SIGINT stops after the video in flight: what was written stays
-resumable (`feature_writer`).
+end and written as JSON lines. A SIGTERM/SIGINT stops after the video in flight, and a full disk
+(`feature_writer.NoSpace`) stops the run with one error: what was written stays resumable (`feature_writer`).
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import time
 from typing import Callable, Iterable, List, Optional, Sequence
@@ -26,6 +29,7 @@ import tqdm
 from absl import logging
 
 from common_jax import io_util
+from input_pipeline import feature_writer
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.flv', '.mpg', '.mpeg', '.m4v', '.wmv', '.3gp')
 
@@ -242,6 +246,8 @@ def run(videos: Sequence[Video], decode: Callable, compute: Callable, write: Cal
           write(video, out)
           stats['extracted'] += 1
           bar.update(1)
+        except feature_writer.NoSpace:   # every later video would fail the same way
+          raise
         except Exception as e:  # pylint: disable=broad-except  (one bad video must not stop the collection)
           fail(video, e)
 
@@ -294,16 +300,54 @@ def frames_or_error(video: Video, frames: np.ndarray, what: str = 'frames') -> n
 
 # ------------------------------------------------------------------------------- shared CLI pieces
 
+class Parser(argparse.ArgumentParser):
+  """argparse with the one-clear-error policy: a bad flag is one `error: ...` line and exit code 2."""
+
+  def error(self, message):
+    from common_jax import cli
+    cli.fail(message)
+
+
+def _number(kind, low: str):
+  """An argparse type: a finite `kind` (int or float) that is > 0 (low='positive') or >= 0."""
+  def parse(text: str):
+    try:
+      x = kind(text)
+    except ValueError:
+      x = None
+    if x is None or not math.isfinite(x) or x < 0 or (low == 'positive' and x == 0):
+      raise argparse.ArgumentTypeError(f'must be a {"positive" if low == "positive" else "non-negative"} '
+                                       f'{"integer" if kind is int else "number"}, got {text!r}')
+    return x
+  return parse
+
+
+positive_int, positive_float = _number(int, 'positive'), _number(float, 'positive')
+non_negative_int = _number(int, 'non-negative')
+
+
 def add_flags(parser) -> None:
   """The flags every extraction CLI has: the video collection, the host split, decoding threads, --strict."""
   parser.add_argument('--videos', default='', help='list file: "path" or "id<TAB>path" per line')
   parser.add_argument('--video_dir', default='', help='or: every video file in this folder')
   parser.add_argument('--keep_extension', action='store_true', help='ids keep the file extension (SVD)')
-  parser.add_argument('--workers', type=int, default=4, help='decoding threads')
-  parser.add_argument('--num_shards', type=int, default=None, help='hosts sharing the collection (default: '
-                      'the JAX process count)')
-  parser.add_argument('--shard_index', type=int, default=None, help='this host (default: the JAX process index)')
+  parser.add_argument('--workers', type=positive_int, default=4, help='decoding threads')
+  parser.add_argument('--num_shards', type=positive_int, default=None, help='hosts sharing the collection '
+                      '(default: the JAX process count)')
+  parser.add_argument('--shard_index', type=non_negative_int, default=None, help='this host (default: the JAX '
+                      'process index)')
   parser.add_argument('--strict', action='store_true', help='exit 1 if any video failed')
+
+
+def backbone_identity(backbone) -> str:
+  """A backbone's architecture and a sha1 of its config and weights: recorded with the features it made."""
+  import jax
+  h = hashlib.sha1(json.dumps(backbone.config.to_dict(), sort_keys=True).encode('utf-8'))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(backbone.params):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}'.encode('utf-8'))
+    h.update(a.tobytes())
+  return f'{backbone.arch}, sha1 {h.hexdigest()[:16]}'
 
 
 def this_host(flags):
@@ -325,6 +369,9 @@ def run_resumable(videos, writer, failures: FailureLog, decode, compute, write, 
   try:
     stats = run(videos, decode, compute, write, flush, done=writer.done, failures=failures, workers=workers,
                 stop=stop, desc=desc)
+  except feature_writer.NoSpace:
+    writer.close()   # the committed videos stay in the .partial files; failed ones are retried by the rerun
+    raise
   finally:
     stop.restore()
   failures.write()

@@ -13,18 +13,40 @@ only after the video's datasets are written to *every* file and flushed. So
 
 A `.partial` file HDF5 cannot open (a crash inside an HDF5 metadata write) is moved aside to
 `<file>.partial.corrupt` and its ids are extracted again, with a warning.
+
+The settings that determine the features (fps, dtype, backbone weights, ...) are recorded in each file's root
+attribute `extraction_settings`; resuming or extending a file whose videos were extracted with other settings
+is refused, naming each setting and both values, so one file never mixes two kinds of features. HDF5 crashes
+(a segfault) when the disk fills during a write, so before each video the free space is checked against its
+size plus a margin: a full disk ends the run with `NoSpace`, the finished videos kept for a rerun.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Callable, Dict, Mapping, Set
+from typing import Callable, Dict, Mapping, Optional, Set, Union
 
 import h5py
 from absl import logging
 
+from common_jax import faults
+
+SETTINGS_ATTR = 'extraction_settings'
+MARGIN = 16 * 2**20   # beyond a video's own bytes: HDF5 metadata, chunk indexes, the commit log
+
 
 class OutputError(ValueError):
   pass
+
+
+class NoSpace(OutputError):
+  """The output's file system cannot take the next video: the run must stop (not skip the video)."""
+
+
+def free_bytes(folder: str) -> Optional[int]:
+  """Bytes an unprivileged writer may still use in `folder`'s file system; None if it reports no sizes."""
+  st = os.statvfs(folder)
+  return None if st.f_blocks == 0 else st.f_bavail * st.f_frsize
 
 
 def _read_log(path: str) -> list:
@@ -35,13 +57,30 @@ def _read_log(path: str) -> list:
   return [line for line in lines[:-1] if line]  # the last piece has no newline yet if a write was cut
 
 
-class ResumableH5:
-  """A set of HDF5 files written in step, one commit log (module docstring)."""
+def _recorded(path: str, logged) -> tuple:
+  """(the committed ids of output `path`, the settings recorded in it or None, the file read), read-only."""
+  partial = path + '.partial'
+  source = partial if os.path.exists(partial) else path if os.path.exists(path) else None
+  if source is None:
+    return set(), None, path
+  try:
+    with h5py.File(source, 'r') as f:
+      keys, text = set(f.keys()), f.attrs.get(SETTINGS_ATTR)
+  except OSError:
+    return set(), None, source   # unreadable: moved aside when opened, its videos extracted again
+  committed = keys & set(logged) if source == partial else keys
+  return committed, (json.loads(text) if text is not None else None), source
 
-  def __init__(self, files: Mapping[str, str]):
+
+class ResumableH5:
+  """A set of HDF5 files written in step, one commit log (module docstring). `settings`: what determines the
+  features, as {name: str}; a file whose committed videos were written with other settings is refused."""
+
+  def __init__(self, files: Mapping[str, str], settings: Optional[Mapping[str, str]] = None):
     if not files:
       raise OutputError('ResumableH5: no output files')
     self.files = dict(files)
+    self.settings = None if settings is None else {k: str(v) for k, v in settings.items()}
     for name, path in self.files.items():
       folder = os.path.dirname(os.path.abspath(path))
       if not os.path.isdir(folder):
@@ -55,8 +94,26 @@ class ResumableH5:
     self.resumed = 0
     self._open()
 
+  def _check_settings(self, logged) -> None:
+    """Before anything is touched: refuses an output whose committed videos had other settings."""
+    for path in self.files.values():
+      committed, old, source = _recorded(path, logged)
+      if not committed or self.settings is None:
+        continue
+      if old is None:
+        logging.warning('%s: its %d videos carry no record of their extraction settings; assuming they match '
+                        'this run (%s)', source, len(committed), self.settings)
+        continue
+      changed = [f'{k}: was {old.get(k)!r}, this run has {self.settings.get(k)!r}'
+                 for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k)]
+      if changed:
+        raise OutputError(f'{source}: its {len(committed)} videos were extracted with other settings '
+                          f'({"; ".join(changed)}); rerun with the original settings to resume or extend it, '
+                          'or write to another output')
+
   def _open(self) -> None:
     logged = _read_log(self.log_path)
+    self._check_settings(logged)
     finished = {}
     for name, path in self.files.items():
       partial = path + '.partial'
@@ -78,6 +135,8 @@ class ResumableH5:
     for name, f in self._h5.items():
       for vid in keys[name] - done:   # written when the previous run stopped, never committed
         del f[vid]
+      if self.settings is not None:
+        f.attrs[SETTINGS_ATTR] = json.dumps(self.settings, sort_keys=True)
       f.flush()
     self.done = done
     self.resumed = len(done)
@@ -86,20 +145,42 @@ class ResumableH5:
       log.flush()
       os.fsync(log.fileno())
 
-  def write(self, video_id: str, writers: Mapping[str, Callable[[h5py.File], None]]) -> None:
-    """Calls writers[name](h5file) for each file (each creates the video's datasets), flushes, logs the id."""
+  def check_space(self, video_id: str, nbytes: Union[int, Mapping[str, int]]) -> None:
+    """Raises NoSpace unless each file system can take `nbytes` (per file name, or for every file) + MARGIN."""
+    need, where = {}, {}
+    for name, path in self.files.items():
+      folder = os.path.dirname(os.path.abspath(path))
+      n = nbytes.get(name, 0) if isinstance(nbytes, Mapping) else nbytes
+      dev = os.stat(folder).st_dev   # files on one file system share its free space
+      need[dev] = need.get(dev, MARGIN) + n + n // 8   # + 1/8: compression can grow random bits a little
+      where[dev] = (folder, path)
+    for dev, n in need.items():
+      folder, path = where[dev]
+      free = free_bytes(folder)
+      if free is not None and free < n:
+        raise NoSpace(f'{path}.partial: no space left on device ({free / 2**20:.1f} MiB free in {folder}; video '
+                      f'{video_id!r} needs about {n / 2**20:.1f} MiB with the margin); the {len(self.done)} '
+                      'videos written so far are kept: free some space and rerun the same command to resume')
+
+  def write(self, video_id: str, writers: Mapping[str, Callable[[h5py.File], None]],
+            nbytes: Union[int, Mapping[str, int]] = 0) -> None:
+    """Calls writers[name](h5file) for each file (each creates the video's datasets), flushes, logs the id.
+    `nbytes`: about how much the writers store (per file name, or for every file), checked first (NoSpace)."""
     if video_id in self.done:
       raise OutputError(f'video {video_id!r} is already in {self.log_path} (duplicate id in the list?)')
     if set(writers) != set(self._h5):
       raise OutputError(f'writers for {sorted(writers)}, files {sorted(self._h5)}')
+    self.check_space(video_id, nbytes)
     for name, fn in writers.items():
       fn(self._h5[name])
       self._h5[name].flush()
+      faults.point('extraction.video_written')   # in this file, not yet in the others nor in the log
     with open(self.log_path, 'a') as log:
       log.write(video_id + '\n')
       log.flush()
       os.fsync(log.fileno())
     self.done.add(video_id)
+    faults.point('extraction.video_committed')
 
   def close(self) -> None:
     """Closes the files, leaving `.partial` + log for a later run."""
@@ -124,11 +205,17 @@ def link_files(output: str, parts) -> int:
   folder = os.path.dirname(os.path.abspath(output))
   owner = {}
   for part in parts:
-    with h5py.File(part, 'r') as f:
-      for vid in f:
-        if vid in owner:
-          raise OutputError(f'video {vid!r} is in both {owner[vid]} and {part}')
-        owner[vid] = part
+    if not os.path.isfile(part):
+      raise OutputError(f'{part}: part file not found')
+    try:
+      with h5py.File(part, 'r') as f:
+        ids = list(f)
+    except OSError as e:   # truncated or not HDF5: h5py's message names no file
+      raise OutputError(f'{part}: not a readable HDF5 file (truncated or still being written?): {e}') from e
+    for vid in ids:
+      if vid in owner:
+        raise OutputError(f'video {vid!r} is in both {owner[vid]} and {part}')
+      owner[vid] = part
   with io_util.atomic_open(output, 'wb') as fo, h5py.File(fo, 'w') as f:
     for vid, part in owner.items():
       f[vid] = h5py.ExternalLink(os.path.relpath(os.path.abspath(part), folder), vid)
@@ -136,11 +223,11 @@ def link_files(output: str, parts) -> int:
 
 
 def main(argv=None) -> int:
-  import argparse
   import sys
   from common_jax import cli
-  parser = argparse.ArgumentParser(description='Link per-host extraction outputs into one HDF5 file '
-                                   '(external links; nothing is copied).')
+  from input_pipeline import extraction
+  parser = extraction.Parser(description='Link per-host extraction outputs into one HDF5 file '
+                             '(external links; nothing is copied).')
   parser.add_argument('--output', required=True)
   parser.add_argument('parts', nargs='+', help='the x-0000k-of-0000n.h5 files')
   flags = parser.parse_args(argv)

@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 from common_jax import cli
-from input_pipeline import av_shards
+from input_pipeline import av_shards, extraction
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                  help='Split list whose videos to pack (repeatable; default: every video of the files).')
   p.add_argument('--dataset', choices=sorted(av_shards.data_lists.NUM_CLASSES), default=None,
                  help='Format of the --list files.')
-  p.add_argument('--records_per_shard', type=int, default=4096, help='Videos per ArrayRecord shard file.')
+  p.add_argument('--records_per_shard', type=extraction.positive_int, default=4096,
+                 help='Videos per ArrayRecord shard file.')
   p.add_argument('--dtype', choices=sorted(av_shards.DTYPES), default='float32',
                  help='Stored precision (reading always returns float32).')
   p.add_argument('--name', default='avhash', help='Shard file name prefix (<name>.array_record-*).')

@@ -22,7 +22,7 @@ from input_pipeline import hdf5_views
 
 _INPUT = flags.DEFINE_string('input', None, 'HDF5 view file, or a folder of *.h5 / *.hdf5 view files.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output shard directory (must not exist, or be empty).')
-_RECORDS = flags.DEFINE_integer('records_per_shard', 1024, 'Views per ArrayRecord shard file.')
+_RECORDS = flags.DEFINE_integer('records_per_shard', 1024, 'Views per ArrayRecord shard file.', lower_bound=1)
 _NAME = flags.DEFINE_string('name', 'vcdb', 'Dataset name in the shard file names (<name>-train.array_record-*).')
 
 

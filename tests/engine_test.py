@@ -26,7 +26,7 @@ def feature_file(tmp_path_factory):
   with h5py.File(path, 'w') as f:
     for vid, n in lengths.items():
       f[vid] = _unit(rng, (n, 9, 64))
-    f['flat'] = _unit(rng, (12, 64))            # a [T, D] video is read as [T, 1, D]
+    f['flat'] = _unit(rng, (12, 64))            # a [T, D] video is read as [T, 1, D] (alone)
   return path
 
 
@@ -122,7 +122,9 @@ def test_min_len_tiling_doubles_like_the_original(feature_file):
   np.testing.assert_array_equal(x[:3], x[3:6])
   np.testing.assert_array_equal(x[:6], x[6:])
   assert list(ff.lengths(['q0', 'd0', 'd2', 'd3'])) == [12, 8, 8, 13]
-  assert ff.read('flat').shape == (12, 1, 64)
+  with pytest.raises(features_lib.FeatureError, match=r"'flat' has shape \(12, 64\).*'q0' has shape \(3, 9, 64\)"):
+    ff.read('flat')                       # one region among videos of 9: never tiled silently
+  assert features_lib.FeatureFile(feature_file, dims=64, min_len=8).read('flat').shape == (12, 1, 64)
 
 
 @pytest.mark.parametrize('data, message', [
