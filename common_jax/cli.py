@@ -129,10 +129,13 @@ def parse_flags(define_flags, argv=None, doc: str = '', positional: str | None =
     if __name__ == '__main__':
       cli.run_main(main)
 
-  Tests call `prog.main(['--input=a', '--n', '3'])` and get the exit code back; `--flag value`, `--flag=value`,
-  `--x`/`--nox` for booleans and --flagfile all work as absl parses them.
+  Positional arguments (argparse nargs='+'): `cli.parse_flags(define_flags, argv, __doc__, positional='parts')`
+  gives `args.parts`; `if not args.parts: return cli.fail('give ...')`. Sub-commands (`script ACTION --flags
+  -- program`): launch.common.parse. Tests call `prog.main(['--input=a', '--n', '3'])` and get the exit code
+  back; `--flag value`, `--flag=value`, `--x`/`--nox` for booleans and --flagfile work as absl parses them.
   """
   import types
+
   from absl import flags
   argv = list(sys.argv[1:] if argv is None else argv)
   fv = flags.FlagValues()

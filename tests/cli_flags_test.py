@@ -26,8 +26,10 @@ _COMMAND = re.compile(r'python (?:-m ([\w.]+)|(launch/\w+\.py))([^`\n]*)')
 
 def documented_commands():
   """(where, program, argv) of each command line shown in README.md, docs/*.md and the programs' docstrings."""
-  sources = {path: open(path).read() for path in [os.path.join(ROOT, 'README.md'),
-                                                  *glob.glob(os.path.join(ROOT, 'docs', '*.md'))]}
+  sources = {}
+  for path in [os.path.join(ROOT, 'README.md'), *glob.glob(os.path.join(ROOT, 'docs', '*.md'))]:
+    with open(path) as f:
+      sources[path] = f.read()
   sources.update({name: importlib.import_module(name).__doc__ for name in FLAG_PROGRAMS})
   sources.update({name: mod.__doc__ for name, mod in LAUNCHERS.items()})
   for where, text in sources.items():
@@ -81,8 +83,8 @@ def test_launcher_help_lists_actions_and_their_flags(capsys):
 
 @pytest.mark.parametrize('name, argv, message', [
     ('hapvr_jax.convert', ['--output=o'], 'error: --torch_checkpoint is required'),
-    ('input_pipeline.make_av_shards', [], 'error: --image_h5 is required; --audio_h5 is required; '
-     '--output is required'),
+    ('input_pipeline.make_av_shards', [], ('error: --image_h5 is required; --audio_h5 is required; '
+                                           '--output is required')),
     ('backbones.convert_backbone', ['--arch=vgg', '--torch_checkpoint=m', '--output=o'], 'flag --arch=vgg: '),
     ('avhash_jax.convert', ['--output=o', '--bits', 'many'], 'flag --bits=many: invalid literal for int()'),
     ('input_pipeline.make_shards', ['--input=a', '--output=b', '--bogus=1'], "Unknown command line flag 'bogus'"),
@@ -136,7 +138,8 @@ def test_positional_arguments_when_asked_for():
 def test_as_programs():
   """Through `python -m` (cli.run_main: absl's app.run), and a config program's absl --help."""
   def run(*argv):
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
   r = run('-m', 'input_pipeline.make_av_shards', '--help')
   assert r.returncode == 0 and '\n  python -m input_pipeline.make_av_shards --image_h5=' in r.stdout, r.stderr
   r = run('-m', 'input_pipeline.make_av_shards', '--image_h5', 'i', '--audio_h5=a')
