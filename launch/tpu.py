@@ -229,8 +229,7 @@ def delete(args, runner: common.Runner) -> None:
 
 
 def _slice_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string('name', None, 'queued resource and TPU VM name (lowercase, digits, -)', flag_values=fv,
-                      required=True)
+  flags.DEFINE_string('name', None, 'queued resource and TPU VM name (a-z, 0-9, -)', flag_values=fv, required=True)
   flags.DEFINE_string('zone', None, 'e.g. us-west4-a', flag_values=fv, required=True)
   flags.DEFINE_string('project', '', 'GCP project (default: gcloud config)', flag_values=fv)
   common.define_dry_run(fv)
@@ -239,10 +238,8 @@ def _slice_flags(fv: flags.FlagValues) -> None:
 def _create_flags(fv: flags.FlagValues) -> None:
   _slice_flags(fv)
   flags.DEFINE_string('accelerator', None, 'e.g. v5litepod-16, v4-32, v6e-8', flag_values=fv, required=True)
-  flags.DEFINE_string('version', None, 'TPU VM runtime version, e.g. tpu-ubuntu2204-base', flag_values=fv,
-                      required=True)
-  flags.DEFINE_string('repo', None, 'gs://my-bucket/code.tar.gz (from `push`) or a git URL', flag_values=fv,
-                      required=True)
+  flags.DEFINE_string('version', None, 'TPU VM runtime, e.g. tpu-ubuntu2204-base', flag_values=fv, required=True)
+  flags.DEFINE_string('repo', None, 'gs://my-bucket/code.tar.gz (`push`) or a git URL', flag_values=fv, required=True)
   flags.DEFINE_string('ref', '', 'git branch, tag or commit for a git --repo', flag_values=fv)
   flags.DEFINE_string('python', 'python3.11', 'interpreter the startup script installs (apt)', flag_values=fv)
   flags.DEFINE_bool('spot', False, 'preemptible Spot capacity', flag_values=fv)
@@ -259,15 +256,13 @@ def _push_flags(fv: flags.FlagValues) -> None:
 
 def _run_flags(fv: flags.FlagValues) -> None:
   _slice_flags(fv)
-  flags.DEFINE_string('workdir', None, 'run directory, gs://my-bucket/... (required on multi-host)',
-                      flag_values=fv, required=True)
+  flags.DEFINE_string('workdir', None, 'run directory (gs://... on multi-host)', flag_values=fv, required=True)
   flags.DEFINE_string('accelerator', '', 'slice type, for the host count (default: ask gcloud)', flag_values=fv)
   flags.DEFINE_integer('hosts', 0, 'host count, instead of --accelerator', flag_values=fv)
   flags.DEFINE_enum('gcs', 'fuse', ['fuse', 'direct'], 'fuse: mount gs:// buckets with gcsfuse and pass local '
                     'paths; direct: pass gs:// paths', flag_values=fv)
   flags.DEFINE_multi_string('env', [], 'NAME=VALUE exported on every worker (repeatable)', flag_values=fv)
-  flags.DEFINE_bool('detach', False, 'run in the background on the workers (survives the ssh session); follow '
-                    'with `logs`', flag_values=fv)
+  flags.DEFINE_bool('detach', False, 'run in the background on the workers (survives ssh); see `logs`', flag_values=fv)
 
 
 def _logs_flags(fv: flags.FlagValues) -> None:
