@@ -21,18 +21,16 @@ directory is self-contained. In BERT mode it defaults to the [CLS] word-embeddin
 which is what cls.pt holds (to ~5 digits); --cls_token overrides it.
 
 Output: common_jax.checkpoint.save_params (Orbax params + model_config.json). An existing non-empty
---output is refused. Files are read with torch.load(weights_only=True) or safetensors. The CLI uses
-argparse, like hapvr_jax.convert (absl's global flag names would collide with other entry points in tests);
-bad input ends with one `error: ...` line and exit code 2 (common_jax.cli.clear_errors).
+--output is refused. Files are read with torch.load(weights_only=True) or safetensors. Bad input ends with
+one `error: ...` line and exit code 2 (common_jax.cli.clear_errors).
 """
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from absl import flags
 
 from common_jax import cli
 from common_jax.convert_util import ConversionError, check_keys, check_new_output, load_torch, put as _put, to_numpy as _numpy
@@ -258,25 +256,31 @@ def run_conversion(output: str, torch_checkpoint: Optional[str] = None, cls_toke
   return params, cfg
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('torch_checkpoint', None, "the original's .pth ({'berthash': state_dict, ...})",
+                      flag_values=fv)
+  flags.DEFINE_string('cls_token', None, 'cls.pt of the original repository (required with --torch_checkpoint)',
+                      flag_values=fv)
+  flags.DEFINE_string('bert_checkpoint', None, 'bert-base-uncased pytorch_model.bin / model.safetensors',
+                      flag_values=fv)
+  flags.DEFINE_string('output', None, 'new directory for the Orbax checkpoint + model_config.json',
+                      flag_values=fv, required=True)
+  flags.DEFINE_integer('bits', 64, 'code length (BERT initialisation only)', flag_values=fv)
+  flags.DEFINE_integer('num_heads', None, 'attention heads (default hidden/64)', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'init seed of the non-BERT layers (BERT mode)', flag_values=fv)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--torch_checkpoint', help="the original's .pth ({'berthash': state_dict, ...})")
-  parser.add_argument('--cls_token', help='cls.pt of the original repository (required with --torch_checkpoint)')
-  parser.add_argument('--bert_checkpoint', help='bert-base-uncased pytorch_model.bin / model.safetensors')
-  parser.add_argument('--output', required=True, help='new directory for the Orbax checkpoint + model_config.json')
-  parser.add_argument('--bits', type=int, default=64, help='code length (BERT initialisation only)')
-  parser.add_argument('--num_heads', type=int, default=None, help='attention heads (default hidden/64)')
-  parser.add_argument('--seed', type=int, default=0, help='init seed of the non-BERT layers (BERT mode)')
-  flags = parser.parse_args(argv)
+  args = cli.parse_flags(define_flags, argv, __doc__)
   with cli.clear_errors():
-    params, cfg = run_conversion(flags.output, flags.torch_checkpoint, flags.cls_token, flags.bert_checkpoint,
-                                 flags.bits, flags.num_heads, flags.seed)
+    params, cfg = run_conversion(args.output, args.torch_checkpoint, args.cls_token, args.bert_checkpoint,
+                                 args.bits, args.num_heads, args.seed)
   import jax
   n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-  print(f'wrote {flags.output}: {n:,} parameters, hidden={cfg.hidden_size}, bits={cfg.bits}, '
-        f'{"converted" if flags.torch_checkpoint else "BERT-initialised"}')
+  print(f'wrote {args.output}: {n:,} parameters, hidden={cfg.hidden_size}, bits={cfg.bits}, '
+        f'{"converted" if args.torch_checkpoint else "BERT-initialised"}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

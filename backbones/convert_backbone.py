@@ -29,12 +29,11 @@ together in one error; an existing non-empty --output is refused.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Optional
 
 import numpy as np
+from absl import flags
 
 from common_jax import cli
 from common_jax.convert_util import ConversionError, check_new_output, load_torch, state_dict_of, to_numpy
@@ -88,25 +87,30 @@ def run_conversion(arch: str, torch_checkpoint: str, output: str, pca: Optional[
   return params, config
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum('arch', None, sorted(registry.ARCHS), 'the backbone', flag_values=fv, required=True)
+  flags.DEFINE_string('torch_checkpoint', None, 'the local PyTorch weights file', flag_values=fv, required=True)
+  flags.DEFINE_string('pca', None, "resnet50_irmac: ViSiL's PCA file (pca_resnet50_vcdb_1M.pth)", flag_values=fv)
+  flags.DEFINE_integer('pca_dims', None, 'resnet50_irmac: PCA components kept (default 512, as ViSiL)',
+                       flag_values=fv)
+  flags.DEFINE_integer('num_heads', None, 'attention heads (not stored in the weights; default width/64)',
+                       flag_values=fv)
+  flags.DEFINE_string('output', None, 'new directory for the Orbax checkpoint + model_config.json',
+                      flag_values=fv, required=True)
+  flags.DEFINE_bool('trusted_torchscript', False, 'allow a TorchScript archive (its code runs while loading); '
+                    'only for files you trust', flag_values=fv)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--arch', required=True, choices=sorted(registry.ARCHS))
-  parser.add_argument('--torch_checkpoint', required=True, help='the local PyTorch weights file')
-  parser.add_argument('--pca', help="resnet50_irmac: ViSiL's PCA file (pca_resnet50_vcdb_1M.pth)")
-  parser.add_argument('--pca_dims', type=int, help='resnet50_irmac: PCA components kept (default 512, as ViSiL)')
-  parser.add_argument('--num_heads', type=int, help='attention heads (not stored in the weights; default width/64)')
-  parser.add_argument('--output', required=True, help='new directory for the Orbax checkpoint + model_config.json')
-  parser.add_argument('--trusted_torchscript', action='store_true',
-                      help='allow a TorchScript archive (its code runs while loading); only for files you trust')
-  flags = parser.parse_args(argv)
+  args = cli.parse_flags(define_flags, argv, __doc__)
   with cli.clear_errors():
-    params, config = run_conversion(flags.arch, flags.torch_checkpoint, flags.output, flags.pca, flags.num_heads,
-                                    flags.pca_dims, flags.trusted_torchscript)
+    params, config = run_conversion(args.arch, args.torch_checkpoint, args.output, args.pca, args.num_heads,
+                                    args.pca_dims, args.trusted_torchscript)
   import jax
   n = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(params))
-  print(f'wrote {flags.output}: {flags.arch}, {n:,} parameters, config {config.to_dict()}')
+  print(f'wrote {args.output}: {args.arch}, {n:,} parameters, config {config.to_dict()}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -18,7 +18,9 @@ import sys
 from typing import Any, Mapping
 
 import numpy as np
+from absl import flags
 
+from common_jax import cli
 from common_jax.convert_util import to_numpy
 from hapvr_jax.model import ModelConfig
 
@@ -153,35 +155,38 @@ def load_torch_checkpoint(path: str, trust_pickle: bool = False):
   raise ConversionError(f'{path}: neither a dict with a "model" state_dict nor a bare state_dict')
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('torch_checkpoint', None, 'model.pth of the original HAP-VR/S2VS code', flag_values=fv,
+                      required=True)
+  flags.DEFINE_string('output', None, 'directory for the Orbax checkpoint + model_config.json', flag_values=fv,
+                      required=True)
+  flags.DEFINE_integer('min_len', None, 'override the evaluation min_len (default: 8 for HAP-VR, 4 for S2VS '
+                       'weights)', flag_values=fv)
+  flags.DEFINE_bool('trust_pickle', False, 'load with torch.load(weights_only=False); only for files you trust',
+                    flag_values=fv)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--torch_checkpoint', required=True, help='model.pth of the original HAP-VR/S2VS code')
-  parser.add_argument('--output', required=True, help='directory for the Orbax checkpoint + model_config.json')
-  parser.add_argument('--min_len', type=int, default=None,
-                      help='override the evaluation min_len (default: 8 for HAP-VR, 4 for S2VS weights)')
-  parser.add_argument('--trust_pickle', action='store_true',
-                      help='load with torch.load(weights_only=False); only for files you trust')
-  flags = parser.parse_args(argv)
-  if os.path.exists(os.path.join(flags.output, 'ckpt')) or os.path.exists(os.path.join(flags.output,
-                                                                                          'model_config.json')):
-    print(f'error: {flags.output} already holds a checkpoint; choose another --output or remove it', file=sys.stderr)
+  args = cli.parse_flags(define_flags, argv, __doc__)
+  if any(os.path.exists(os.path.join(args.output, name)) for name in ('ckpt', 'model_config.json')):
+    print(f'error: {args.output} already holds a checkpoint; choose another --output or remove it', file=sys.stderr)
     return 2
   try:
-    state_dict, args = load_torch_checkpoint(flags.torch_checkpoint, flags.trust_pickle)
-    params, cfg = convert_state_dict(state_dict, args, where=flags.torch_checkpoint)
+    state_dict, ckpt_args = load_torch_checkpoint(args.torch_checkpoint, args.trust_pickle)
+    params, cfg = convert_state_dict(state_dict, ckpt_args, where=args.torch_checkpoint)
   except ConversionError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  if flags.min_len is not None:
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), 'min_len': flags.min_len})
+  if args.min_len is not None:
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), 'min_len': args.min_len})
   from common_jax import checkpoint
-  checkpoint.save_params(flags.output, params, cfg.to_dict())
+  checkpoint.save_params(args.output, params, cfg.to_dict())
   n = sum(int(np.prod(v.shape)) for v in __import__('jax').tree.leaves(params))
-  print(f'wrote {flags.output}: {n:,} parameters, {cfg.source} network, '
+  print(f'wrote {args.output}: {n:,} parameters, {cfg.source} network, '
         f'f2f={cfg.f2f_sim_module}({cfg.f_topk_rate}) v2v={cfg.v2v_sim_module}({cfg.v_topk_rate}) '
         f'min_len={cfg.min_len}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -20,23 +20,26 @@ from absl import flags
 from common_jax import cli
 from input_pipeline import hdf5_views
 
-_INPUT = flags.DEFINE_string('input', None, 'HDF5 view file, or a folder of *.h5 / *.hdf5 view files.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output shard directory (must not exist, or be empty).')
-_RECORDS = flags.DEFINE_integer('records_per_shard', 1024, 'Views per ArrayRecord shard file.', lower_bound=1)
-_NAME = flags.DEFINE_string('name', 'vcdb', 'Dataset name in the shard file names (<name>-train.array_record-*).')
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('input', None, 'HDF5 view file, or a folder of *.h5 / *.hdf5 view files.', flag_values=fv,
+                      required=True)
+  flags.DEFINE_string('output', None, 'Output shard directory (must not exist, or be empty).', flag_values=fv,
+                      required=True)
+  flags.DEFINE_integer('records_per_shard', 1024, 'Views per ArrayRecord shard file.', flag_values=fv,
+                        lower_bound=1)
+  flags.DEFINE_string('name', 'vcdb', 'Dataset name in the shard file names (<name>-train.array_record-*).',
+                      flag_values=fv)
 
 
-def main(argv):
-  if len(argv) > 1:
-    return cli.fail(f'unexpected arguments {argv[1:]}')
-  if not _INPUT.value or not _OUTPUT.value:
-    return cli.fail('--input and --output are required')
+def main(argv=None) -> int:
+  args = cli.parse_flags(define_flags, argv, __doc__)
   with cli.clear_errors():
-    summary = hdf5_views.convert(_INPUT.value, _OUTPUT.value, _NAME.value, _RECORDS.value, progress=True)
+    summary = hdf5_views.convert(args.input, args.output, args.name, args.records_per_shard, progress=True)
   print(f'{summary["videos"]:,} videos, {summary["segments"]:,} segments, {summary["views"]:,} views -> '
         f'{summary["shards"]} shard file(s), {summary["bytes"] / 2**20:,.1f} MiB in {summary["directory"]}')
   return 0
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run_main(main)

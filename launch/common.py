@@ -1,5 +1,5 @@
-"""Helpers shared by the launch scripts (launch/tpu.py, launch/gpu.py): argument parsing with the project's
-one-line errors, and a command runner with a dry-run mode.
+"""Helpers shared by the launch scripts (launch/tpu.py, launch/gpu.py): `script ACTION --flag=... -- program`
+parsing with absl flags and the project's one-line errors, and a command runner with a dry-run mode.
 
 Every command a script would run goes through `Runner.run`: it is echoed as one `+ ...` line, shell-quoted
 with shlex.join so it can be pasted into a shell, and executed unless the runner is a dry run. Environment
@@ -7,24 +7,38 @@ variables set for a command are echoed as `env K=V ... cmd`, which is what the l
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
+
+from absl import flags
+
+from common_jax import cli
+from common_jax.cli import fail
 
 
-class Parser(argparse.ArgumentParser):
-  """argparse with `error: ...` on one line and exit code 2 (no usage block), as the project's other CLIs."""
-
-  def error(self, message):
-    print(f'error: {self.prog}: {message}', file=sys.stderr, flush=True)
-    sys.exit(2)
+def define_dry_run(fv: flags.FlagValues) -> None:
+  flags.DEFINE_bool('dry_run', False, 'print the commands, run nothing', flag_values=fv)
 
 
-def fail(message: str, code: int = 2):
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
+def parse(actions: Mapping[str, tuple[str, Callable]], argv, doc: str, prog: str):
+  """(action, flag values, program) from `ACTION [--flag=value ...] [-- program ...]`. `actions` maps each
+  action to (one line of help, define_flags(fv)); each action has its own flags (cli.parse_flags). --help
+  alone lists the actions, after an action also its flags."""
+  launcher, program = split_command(sys.argv[1:] if argv is None else argv)
+  listing = '\n'.join(f'  {name:<8}{text}' for name, (text, _) in actions.items())
+  if not launcher or launcher[0] in cli.HELP_FLAGS:
+    if launcher:
+      print(f'{doc.strip()}\n\nactions ({prog} ACTION --help for its flags):\n{listing}', flush=True)
+      sys.exit(0)
+    fail(f'{prog}: give an action: {", ".join(actions)}')
+  action = launcher[0]
+  if action not in actions:
+    fail(f'{prog}: invalid choice {action!r} for the action (choose from {", ".join(actions)})')
+  text, define_flags = actions[action]
+  args = cli.parse_flags(define_flags, launcher[1:], f'{doc.strip()}\n\n{prog} {action}: {text}')
+  return action, args, program
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

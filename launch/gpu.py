@@ -31,7 +31,10 @@ import subprocess
 import sys
 import threading
 
+from absl import flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common_jax import cli  # noqa: E402
 from launch import common  # noqa: E402
 
 
@@ -120,21 +123,20 @@ def launch(processes, program: list[str]) -> int:
       signal.signal(s, h)
 
 
-def _parser() -> common.Parser:
-  parser = common.Parser(prog='launch/gpu.py', description=__doc__,
-                         formatter_class=common.argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest='action', required=True, parser_class=common.Parser)
-  p = sub.add_parser('run', help='run the command after -- on this machine')
-  p.add_argument('--gpus', type=int, default=0, help='GPUs of this machine to use (default: all visible)')
-  p.add_argument('--nodes', type=int, default=1, help='machines in the job')
-  p.add_argument('--node_rank', type=int, default=None, help='this machine: 0 .. nodes-1 (several nodes)')
-  p.add_argument('--coordinator', default='', help='host:port of node 0 (several nodes or --local_processes)')
-  p.add_argument('--local_processes', action='store_true', help='one process per GPU (needs --gpus)')
-  p.add_argument('--mem_fraction', type=float, default=0.0, help='XLA_PYTHON_CLIENT_MEM_FRACTION, e.g. 0.9')
-  p.add_argument('--env', action='append', default=[], help='NAME=VALUE for every process (repeatable)')
-  p.add_argument('--log_dir', default='logs', help='per-process log files go here')
-  p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
-  return parser
+def _run_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_integer('gpus', 0, 'GPUs of this machine to use (default: all visible)', flag_values=fv)
+  flags.DEFINE_integer('nodes', 1, 'machines in the job', flag_values=fv)
+  flags.DEFINE_integer('node_rank', None, 'this machine: 0 .. nodes-1 (several nodes)', flag_values=fv)
+  flags.DEFINE_string('coordinator', '', 'host:port of node 0 (several nodes or --local_processes)',
+                      flag_values=fv)
+  flags.DEFINE_bool('local_processes', False, 'one process per GPU (needs --gpus)', flag_values=fv)
+  flags.DEFINE_float('mem_fraction', 0.0, 'XLA_PYTHON_CLIENT_MEM_FRACTION, e.g. 0.9', flag_values=fv)
+  flags.DEFINE_multi_string('env', [], 'NAME=VALUE for every process (repeatable)', flag_values=fv)
+  flags.DEFINE_string('log_dir', 'logs', 'per-process log files go here', flag_values=fv)
+  common.define_dry_run(fv)
+
+
+ACTIONS = {'run': ('run the command after -- on this machine', _run_flags)}
 
 
 def check(args, program: list[str]) -> None:
@@ -167,8 +169,7 @@ def check(args, program: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-  launcher, program = common.split_command(sys.argv[1:] if argv is None else argv)
-  args = _parser().parse_args(launcher)
+  _, args, program = common.parse(ACTIONS, argv, __doc__, 'launch/gpu.py')
   check(args, program)
   processes = plan(args, program, socket.gethostname())
   runner = common.Runner(args.dry_run)
@@ -180,4 +181,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -38,7 +38,10 @@ import re
 import shlex
 import sys
 
+from absl import flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common_jax import cli  # noqa: E402
 from launch import common  # noqa: E402
 
 REMOTE_ROOT = '/opt/hapvr'            # code, venv and the ready marker, written by launch/startup.sh
@@ -225,72 +228,75 @@ def delete(args, runner: common.Runner) -> None:
               '--force', '--quiet'])
 
 
-def _parser() -> common.Parser:
-  parser = common.Parser(prog='launch/tpu.py', description=__doc__,
-                         formatter_class=common.argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest='action', required=True, parser_class=common.Parser)
+def _slice_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('name', None, 'queued resource and TPU VM name (a-z, 0-9, -)', flag_values=fv, required=True)
+  flags.DEFINE_string('zone', None, 'e.g. us-west4-a', flag_values=fv, required=True)
+  flags.DEFINE_string('project', '', 'GCP project (default: gcloud config)', flag_values=fv)
+  common.define_dry_run(fv)
 
-  def add(name, help_text, slice_flags=True):
-    p = sub.add_parser(name, help=help_text)
-    if slice_flags:
-      p.add_argument('--name', required=True, help='queued resource and TPU VM name (lowercase, digits, -)')
-      p.add_argument('--zone', required=True, help='e.g. us-west4-a')
-      p.add_argument('--project', default='', help='GCP project (default: gcloud config)')
-    p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
-    return p
 
-  p = add('create', 'request the slice as a queued resource, with the startup script')
-  p.add_argument('--accelerator', required=True, help='e.g. v5litepod-16, v4-32, v6e-8')
-  p.add_argument('--version', required=True, help='TPU VM runtime version, e.g. tpu-ubuntu2204-base')
-  p.add_argument('--repo', required=True, help='gs://my-bucket/code.tar.gz (from `push`) or a git URL')
-  p.add_argument('--ref', default='', help='git branch, tag or commit for a git --repo')
-  p.add_argument('--python', default='python3.11', help='interpreter the startup script installs (apt)')
-  p.add_argument('--spot', action='store_true', help='preemptible Spot capacity')
-  p.add_argument('--reserved', action='store_true', help='use the project reservation')
-  p.add_argument('--service_account', default='', help='service account of the VMs (needs storage access)')
-  p.add_argument('--valid_until', default='', help='give up the queued request after this long, e.g. 6h')
+def _create_flags(fv: flags.FlagValues) -> None:
+  _slice_flags(fv)
+  flags.DEFINE_string('accelerator', None, 'e.g. v5litepod-16, v4-32, v6e-8', flag_values=fv, required=True)
+  flags.DEFINE_string('version', None, 'TPU VM runtime, e.g. tpu-ubuntu2204-base', flag_values=fv, required=True)
+  flags.DEFINE_string('repo', None, 'gs://my-bucket/code.tar.gz (`push`) or a git URL', flag_values=fv, required=True)
+  flags.DEFINE_string('ref', '', 'git branch, tag or commit for a git --repo', flag_values=fv)
+  flags.DEFINE_string('python', 'python3.11', 'interpreter the startup script installs (apt)', flag_values=fv)
+  flags.DEFINE_bool('spot', False, 'preemptible Spot capacity', flag_values=fv)
+  flags.DEFINE_bool('reserved', False, 'use the project reservation', flag_values=fv)
+  flags.DEFINE_string('service_account', '', 'service account of the VMs (needs storage access)', flag_values=fv)
+  flags.DEFINE_string('valid_until', '', 'give up the queued request after this long, e.g. 6h', flag_values=fv)
 
-  add('setup', 'rerun the startup script (fetch code, install) on every worker')
 
-  p = add('push', 'upload the committed HEAD as a tarball for --repo', slice_flags=False)
-  p.add_argument('--repo', required=True, help='gs://my-bucket/code.tar.gz')
-  p.add_argument('--ref', default='', help='git revision to upload (default HEAD)')
+def _push_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('repo', None, 'gs://my-bucket/code.tar.gz', flag_values=fv, required=True)
+  flags.DEFINE_string('ref', '', 'git revision to upload (default HEAD)', flag_values=fv)
+  common.define_dry_run(fv)
 
-  p = add('run', 'run one command on all workers (rerun to resume)')
-  p.add_argument('--workdir', required=True, help='run directory, gs://my-bucket/... (required on multi-host)')
-  p.add_argument('--accelerator', default='', help='slice type, for the host count (default: ask gcloud)')
-  p.add_argument('--hosts', type=int, default=0, help='host count, instead of --accelerator')
-  p.add_argument('--gcs', choices=('fuse', 'direct'), default='fuse',
-                 help='fuse: mount gs:// buckets with gcsfuse and pass local paths; direct: pass gs:// paths')
-  p.add_argument('--env', action='append', default=[], help='NAME=VALUE exported on every worker (repeatable)')
-  p.add_argument('--detach', action='store_true',
-                 help='run in the background on the workers (survives the ssh session); follow with `logs`')
 
-  p = add('logs', 'print the end of the latest log of every worker')
-  p.add_argument('--lines', type=int, default=20, help='lines per worker')
+def _run_flags(fv: flags.FlagValues) -> None:
+  _slice_flags(fv)
+  flags.DEFINE_string('workdir', None, 'run directory (gs://... on multi-host)', flag_values=fv, required=True)
+  flags.DEFINE_string('accelerator', '', 'slice type, for the host count (default: ask gcloud)', flag_values=fv)
+  flags.DEFINE_integer('hosts', 0, 'host count, instead of --accelerator', flag_values=fv)
+  flags.DEFINE_enum('gcs', 'fuse', ['fuse', 'direct'], 'fuse: mount gs:// buckets with gcsfuse and pass local '
+                    'paths; direct: pass gs:// paths', flag_values=fv)
+  flags.DEFINE_multi_string('env', [], 'NAME=VALUE exported on every worker (repeatable)', flag_values=fv)
+  flags.DEFINE_bool('detach', False, 'run in the background on the workers (survives ssh); see `logs`', flag_values=fv)
 
-  add('status', 'show the queued resource state')
-  add('delete', 'delete the queued resource and its TPU VMs')
-  return parser
+
+def _logs_flags(fv: flags.FlagValues) -> None:
+  _slice_flags(fv)
+  flags.DEFINE_integer('lines', 20, 'lines per worker', flag_values=fv)
+
+
+ACTIONS = {  # action: (help, its flags)
+    'create': ('request the slice as a queued resource, with the startup script', _create_flags),
+    'setup': ('rerun the startup script (fetch code, install) on every worker', _slice_flags),
+    'push': ('upload the committed HEAD as a tarball for --repo', _push_flags),
+    'run': ('run one command on all workers (rerun to resume)', _run_flags),
+    'logs': ('print the end of the latest log of every worker', _logs_flags),
+    'status': ('show the queued resource state', _slice_flags),
+    'delete': ('delete the queued resource and its TPU VMs', _slice_flags),
+}
 
 
 def main(argv=None) -> int:
-  launcher, program = common.split_command(sys.argv[1:] if argv is None else argv)
-  args = _parser().parse_args(launcher)
+  action, args, program = common.parse(ACTIONS, argv, __doc__, 'launch/tpu.py')
   if getattr(args, 'name', None) is not None and not _NAME.match(args.name):
     common.fail(f'--name={args.name!r}: lowercase letters, digits and -, starting with a letter')
-  if program and args.action != 'run':
-    common.fail(f'{args.action} takes no command after --')
+  if program and action != 'run':
+    common.fail(f'{action} takes no command after --')
   runner = common.Runner(args.dry_run)
   try:
-    if args.action == 'run':
+    if action == 'run':
       run(args, program, runner)
     else:
-      globals()[args.action](args, runner)
+      globals()[action](args, runner)
   except ValueError as e:
     common.fail(str(e))
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -216,7 +216,7 @@ def test_cli(tmp_path, capsys):
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
       f'error: {out}: output exists and is not an empty directory; refusing to overwrite it '
       '(remove it or choose another --output)']
-  # in process (argparse: no global flags), with lists and float16
+  # in process (a fresh FlagValues per call: no global flags), with lists and float16
   assert make_av_shards.main([f'--image_h5={img}', f'--audio_h5={aud}', f'--output={tmp_path / "l"}',
                               f'--list={lst}', '--dataset=fcvid', '--dtype=float16', '--no_progress']) == 0
   assert av_shards.AVShardFeatures(str(tmp_path / 'l')).ids == ['v01', 'v03']

@@ -339,7 +339,7 @@ def test_shard_writers_refuse_zero_records_per_shard(tmp_path, capsys):
   from input_pipeline import make_av_shards
   with pytest.raises(SystemExit) as e:
     make_av_shards.main(['--image_h5=a.h5', '--audio_h5=b.h5', f'--output={tmp_path}/s', '--records_per_shard=0'])
-  assert e.value.code == 2 and 'error: argument --records_per_shard: must be a positive integer' in (
+  assert e.value.code == 2 and 'error: flag --records_per_shard=0: 0 is not a positive integer' in (
       capsys.readouterr().err)
   r = _run('input_pipeline.make_shards', ['--input=x', f'--output={tmp_path}/s', '--records_per_shard=0'])
   assert r.returncode == 2 and _last_error(r.stderr).startswith('error: flag --records_per_shard=0')

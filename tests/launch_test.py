@@ -178,7 +178,7 @@ def test_gpu_multi_node_and_local_processes_env(capsys):
   assert 'not in' in error_of(gpu.main, ['run', '--nodes=2', '--node_rank=2', '--coordinator=h:1', '--', 'p'], capsys)
   assert '--gpus' in error_of(gpu.main, ['run', '--local_processes', '--', 'python', 'x.py'], capsys)
   assert 'after --' in error_of(gpu.main, ['run', '--dry_run'], capsys)
-  assert 'invalid int' in error_of(gpu.main, ['run', '--gpus=two', '--', 'p'], capsys)
+  assert '--gpus=two: invalid literal for int()' in error_of(gpu.main, ['run', '--gpus=two', '--', 'p'], capsys)
 
 
 def test_gpu_local_processes_join_one_jax_job(tmp_path, capsys):
