@@ -7,6 +7,7 @@ errors all derive from ValueError; anything else is a bug and keeps its tracebac
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 
 from absl import app
@@ -42,21 +43,69 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def _flag_value(args, name: str):
+  """The value given to --NAME in `args` (`--NAME=V` or `--NAME V`), or None."""
+  for i, arg in enumerate(args):
+    if re.fullmatch(rf'--?{name}', arg):
+      return args[i + 1] if i + 1 < len(args) else None
+    if m := re.fullmatch(rf'--?{name}=(.*)', arg):
+      return m.group(1)
+  return None
+
+
+def _missing_key_hint(config, path: str) -> str:
+  """'; did you mean ...?' with the keys beside the first part of `path` that the config lacks."""
+  import difflib
+  node = config
+  for part in path.split('.'):
+    keys = list(node.keys()) if hasattr(node, 'keys') else []
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=3)
+      return f'; did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
+    node = node[part]
+  return ''
+
+
+def _config_override_error(flag_values, argv) -> str | None:
+  """'unknown config key ...' for the first --NAME.PATH override whose PATH is not a field of config NAME
+  (ml_collections itself reports only the missing part, as a bare KeyError)."""
+  from ml_collections.config_flags import config_path
+  args = list(argv[1:])
+  for arg in args:
+    m = re.fullmatch(r'--?(\w+)\.([\w.]+)(=.*)?', arg)
+    if not m or m.group(1) not in flag_values:
+      continue
+    name, path = m.group(1), m.group(2)
+    try:
+      config = flag_values[name].parser.parse(_flag_value(args, name))
+    except Exception:   # not a config flag, or its file does not load: absl's own message stands
+      continue
+    try:
+      config_path.get_type(path, config)
+    except Exception:   # any failure to resolve PATH in the config is the answer
+      return f'unknown config key {path!r} in {arg}{_missing_key_hint(config, path)}'
+  return None
+
+
+def parse_flags(argv, flag_values=None):
+  """absl flag parsing with flag and config-override errors reported as one line and exit code 2."""
+  from absl import flags
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    message = str(e)
+    if 'Traceback (most recent call last)' in message:   # a config file that raised while loading
+      head = message.split('\n', 1)[0].rstrip(': ')
+      message = f'{head}: {message.strip().splitlines()[-1]}'
+    fail(message)
+  except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections override errors
+    fail(_config_override_error(flag_values, argv) or f'bad config override: {e}')
+
+
 def run(main):
   """absl's app.run, with flag and config-override errors reported as one line and exit code 2."""
-  def flags_parser(argv):
-    from absl import flags
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      message = str(e)
-      if 'Traceback (most recent call last)' in message:   # a config file that raised while loading
-        head = message.split('\n', 1)[0].rstrip(': ')
-        message = f'{head}: {message.strip().splitlines()[-1]}'
-      fail(message)
-    except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections override errors
-      fail(f'bad config override: {e}')
-  app.run(main, flags_parser=flags_parser)
+  app.run(main, flags_parser=parse_flags)
 
 
 def run_training(train_fn, config, workdir: str, training_error, example: str):
