@@ -2,11 +2,17 @@
 
 Bad input (a missing or malformed file, a wrong shape, an unknown config key, a bad value) ends the program
 with a single `error: ...` line naming the culprit and exit code 2, not a traceback. The project's input
-errors all derive from ValueError; anything else is a bug and keeps its traceback.
+errors all derive from ValueError; anything else is a bug and keeps its traceback. A file-system error (a
+workdir that is a file or read-only, a full disk), whether raised as an OSError or wrapped by a library such
+as Orbax, is reported the same way as `error: PATH: what is wrong`, also with exit code 2; work finished
+before it (checkpoints, partial results) is kept.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging as std_logging
+import os
 import re
 import sys
 
@@ -22,19 +28,94 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+# errno values that say a path cannot be used as asked: reported as one line naming the path
+FS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                       errno.EACCES, errno.EPERM, errno.ENOENT})
+# libraries that wrap an OSError in their own exception keep its number in the text (TensorStore, via
+# Orbax: "... No space left on device [os_error_code='28']"; Python: "[Errno 28] ...")
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]|os_error_code='?(\d+)")
+_QUOTED_PATH = re.compile(r'["\'](/[^"\']+)["\']')
+
+
+def file_system_error(e: BaseException, path: str | None = None) -> str | None:
+  """'PATH: what is wrong' when `e` comes from the file system, else None; `path` stands in for a path the
+  error does not name."""
+  code, where = None, None
+  if isinstance(e, OSError) and e.errno in FS_ERRNOS:
+    code, where = e.errno, e.filename
+  elif m := _ERRNO_TEXT.search(str(e)):
+    code, where = int(m.group(1) or m.group(2)), next(iter(_QUOTED_PATH.findall(str(e))), None)
+  elif isinstance(e, RuntimeError) and (inner := e.__cause__ or e.__context__) is not None:
+    return file_system_error(inner, path)   # a library's wrapper: what it wraps
+  if code not in FS_ERRNOS:
+    return None
+  what = os.strerror(code)
+  if code in (errno.ENOSPC, errno.EDQUOT):
+    what += '; free some space and rerun the same command'
+  return f'{where or path or "(no path reported)"}: {what}'
+
+
+class _QuietFileSystemErrors(std_logging.Filter):
+  """Drops the tracebacks libraries log from their worker threads for a file-system error: the main thread
+  reports the same error as one line."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or file_system_error(exc) is None
+
+
+def _quiet_unraisable(hook):
+  """TensorStore futures that finish after Orbax closed its event loop on a failed save raise 'Event loop
+  is closed' where nobody can catch it; the failure itself is reported as one line."""
+  def quiet(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'):
+      hook(unraisable)
+  return quiet
+
+
 @contextlib.contextmanager
-def clear_errors():
+def clear_errors(path: str | None = None):
+  """Bad input and file-system errors inside become one `error:` line and exit code 2; `path` (a workdir)
+  names the place of a file-system error whose message has none."""
+  from absl import logging
+  handler, quiet, hook = logging.get_absl_handler(), _QuietFileSystemErrors(), sys.unraisablehook
+  handler.addFilter(quiet)
+  sys.unraisablehook = _quiet_unraisable(hook)
   try:
     yield
-  except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-    fail(str(e))
+  except Exception as e:   # anything not named below is re-raised with its traceback
+    message = file_system_error(e, path)
+    if message is not None:
+      fail(message)
+    if isinstance(e, (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)):
+      fail(str(e))
+    raise
+  finally:
+    handler.removeFilter(quiet)
+    sys.unraisablehook = hook
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses, before anything is written, a workdir that is a file, lies under a file or cannot be written
+  (read-only file system, no permission)."""
+  target = os.path.abspath(workdir)
+  existing = target   # the workdir, or the nearest existing folder it would be created in
+  while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f'{workdir}: ' + ('exists and is not a directory' if existing == target else
+                                       f'cannot be created: {existing} is a file'))
+  if not os.access(existing, os.W_OK | os.X_OK):
+    why = 'read-only file system' if os.statvfs(existing).f_flag & os.ST_RDONLY else 'permission denied'
+    raise UsageError(f'{workdir}: ' + (f'cannot be written ({why})' if existing == target else
+                                       f'cannot be created: {existing} cannot be written ({why})'))
 
 
 def enable_compilation_cache(path: str) -> None:
   """Persistent XLA compilation cache: a second run with the same shapes skips compilation."""
   if not path:
     return
-  import os
   import jax
   path = os.path.expanduser(path)
   os.makedirs(path, exist_ok=True)
@@ -108,11 +189,12 @@ def run(main):
   app.run(main, flags_parser=parse_flags)
 
 
-def run_training(train_fn, config, workdir: str, training_error, example: str):
-  """The shared body of the training entry points: checks --workdir/--config, keeps Orbax's per-save INFO
-  lines off the console unless --verbosity is given, runs `train_fn(config, workdir)` under `clear_errors`
-  (bad input: one line, exit 2) and turns `training_error` (a non-finite loss) into one line and exit 3.
-  Returns the training result, or the exit code of a usage error."""
+def run_training(train_fn, config, workdir: str, training_error, example: str, validate=None):
+  """The shared body of the training entry points: checks --workdir/--config, the config's values
+  (`validate(config)`) and the workdir before anything is written, keeps Orbax's per-save INFO lines off the
+  console unless --verbosity is given, runs `train_fn(config, workdir)` under `clear_errors` (bad input or a
+  file-system error: one line, exit 2) and turns `training_error` (a non-finite loss) into one line and
+  exit 3. Returns the training result, or the exit code of a usage error."""
   from absl import flags, logging
   if not workdir:
     return fail('--workdir is required')
@@ -120,7 +202,10 @@ def run_training(train_fn, config, workdir: str, training_error, example: str):
     return fail(f'--config is required (e.g. --config={example})')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  with clear_errors():
+  with clear_errors(workdir):
+    if validate is not None:
+      validate(config)
+    check_workdir(workdir)
     from common_jax import distributed
     distributed.maybe_initialize()   # before any JAX backend starts; only on multi-process launches
     try:
