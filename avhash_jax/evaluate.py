@@ -35,6 +35,7 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
+from avhash_jax import validate
 from common_jax import cli
 from common_jax import io_util
 
@@ -141,6 +142,7 @@ def _write_codes(path: str, sets) -> None:
 
 
 def _check_config(config) -> str:
+  validate.evaluation(config)
   if config.dataset not in LIST_FORMAT:
     raise cli.UsageError(f'config.dataset={config.dataset!r}; expected one of {sorted(LIST_FORMAT)}')
   needed = (['retrieval_list'] + ([] if config.get('shards') else ['image_h5', 'audio_h5'])
@@ -148,9 +150,6 @@ def _check_config(config) -> str:
   for key in needed:
     if not config[key]:
       raise cli.UsageError(f'config.{key} is empty')
-  ks = [int(k) for k in config.ks]
-  if not ks or min(ks) < 1:
-    raise cli.UsageError(f'config.ks={tuple(config.ks)}: cut-offs must be >= 1')
   return LIST_FORMAT[config.dataset]
 
 
@@ -160,11 +159,11 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
   from avhash_jax import data_lists, metrics as metrics_lib
   from common_jax import mesh as mesh_lib
 
+  fmt = _check_config(config)
   writes = jax.process_index() == 0   # several processes: each computes everything, process 0 writes
   if writes:
     os.makedirs(workdir, exist_ok=True)
     io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
-  fmt = _check_config(config)
   db_ids, db_labels = data_lists.read_list(config.retrieval_list, fmt)
   if config.all_vs_all:
     q_ids, q_labels, q_list = db_ids, db_labels, config.retrieval_list
@@ -231,27 +230,34 @@ def define_flags():
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder for metrics.json, codes.h5 and pr_curve.png.')
 
 
-def main(argv):
-  del argv
-  workdir = _WORKDIR.value
+def run(config, workdir) -> int:
+  """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
   if not workdir:
     return cli.fail('--workdir is required')
-  if _CONFIG.value is None:
+  if config is None:
     return cli.fail('--config is required (configs/fcvid.py or configs/activitynet.py)')
-  io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
-  with cli.clear_errors():
+  with cli.clear_errors(workdir):
+    cli.check_workdir(workdir)
+    # A failed run must not leave an earlier run's results looking like its own.
+    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
+    _check_config(config)
     from common_jax import distributed
     distributed.maybe_initialize()
-    m = evaluate(_CONFIG.value, workdir)
-  ks = [int(k) for k in _CONFIG.value.ks]
+    m = evaluate(config, workdir)
+  ks = [int(k) for k in config.ks]
   print(f'{m["dataset"]} {m["bits"]} bits: {m["num_queries"]} queries vs {m["num_database"]} database videos')
   print('  mAP@all={:.4f}  '.format(m['mAP@all']) + '  '.join(f'mAP@{k}={m[f"mAP@{k}"]:.4f}' for k in ks))
   print('  ' + '  '.join(f'mAP@{k}_ssvh={m[f"mAP@{k}_ssvh"]:.4f}' for k in ks))
   print('  ' + '  '.join(f'P@{k}={m[f"P@{k}"]:.4f}' for k in ks))
   print('  ' + '  '.join(f'R@{k}={m[f"R@{k}"]:.4f}' for k in ks))
   print(f'wrote {os.path.join(workdir, "metrics.json")}, codes.h5'
-        + (', pr_curve.png' if _CONFIG.value.plots else ''))
+        + (', pr_curve.png' if config.plots else ''))
   return 0
+
+
+def main(argv):
+  del argv
+  return run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

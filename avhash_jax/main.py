@@ -7,8 +7,10 @@ r"""AVHash training (spec §3-4): the command-line entry point.
   python -m avhash_jax.main --config=configs/fcvid.py:demo --workdir=/tmp/avhash_demo   # synthetic demo
 
 Rerunning the same command resumes from the workdir. SIGTERM/SIGINT save a checkpoint and stop. Bad input
-(a missing id, a wrong feature shape, a malformed list line, an unknown config key) ends with one
-`error: ...` line and exit code 2; a non-finite loss stops the run with exit code 3, naming the step.
+(a missing id, a wrong feature shape, a malformed list line, an unknown config key, a bad config value, a
+workdir that is a file or read-only) ends with one `error: ...` line and exit code 2, the config values and
+the workdir being checked before anything is written; so does a full disk, which keeps the checkpoints
+already saved. A non-finite loss stops the run with exit code 3, naming the step.
 """
 from __future__ import annotations
 
@@ -17,23 +19,36 @@ from ml_collections import config_flags
 
 from common_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training config (configs/fcvid.py, configs/activitynet.py, configs/fcvid.py:demo).',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, best/, test/, metrics, events.')
+# Defined only when run as a program (define_flags), so that tests can import `run` beside the other
+# entry points' --config/--workdir.
+_CONFIG = _WORKDIR = None
+
+
+def define_flags():
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'Training config (configs/fcvid.py, configs/activitynet.py, configs/fcvid.py:demo).',
+      lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None,
+                                 'Run directory: checkpoints, best/, test/, metrics, events.')
+
+
+def run(config, workdir) -> int:
+  """Checks the config values and the workdir, then trains; bad input: one error line, exit code 2."""
+  from avhash_jax import train, validate
+  result = cli.run_training(train.train_and_evaluate, config, workdir, train.TrainingError,
+                            'configs/fcvid.py:demo', validate=validate.training)
+  best = result['best']
+  print(f'finished at step {result["step"]}; best val mAP@all={best["mAP"]:.4f} at step {best.get("step")}; '
+        f'outputs in {workdir} (best/, test/, train.jsonl, metrics.jsonl, tensorboard/, ckpt/)', flush=True)
+  return 0
 
 
 def main(argv):
   del argv
-  from avhash_jax import train
-  result = cli.run_training(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, train.TrainingError,
-                            'configs/fcvid.py:demo')
-  best = result['best']
-  print(f'finished at step {result["step"]}; best val mAP@all={best["mAP"]:.4f} at step {best.get("step")}; '
-        f'outputs in {_WORKDIR.value} (best/, test/, train.jsonl, metrics.jsonl, tensorboard/, ckpt/)',
-        flush=True)
-  return 0
+  return run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -2,11 +2,18 @@
 
 Bad input (a missing or malformed file, a wrong shape, an unknown config key, a bad value) ends the program
 with a single `error: ...` line naming the culprit and exit code 2, not a traceback. The project's input
-errors all derive from ValueError; anything else is a bug and keeps its traceback.
+errors all derive from ValueError; anything else is a bug and keeps its traceback. A file-system error (a
+workdir that is a file or read-only, a full disk), whether raised as an OSError or wrapped by a library such
+as Orbax, is reported the same way as `error: PATH: what is wrong`, also with exit code 2; work finished
+before it (checkpoints, partial results) is kept.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging as std_logging
+import os
+import re
 import sys
 
 from absl import app
@@ -21,19 +28,94 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+# errno values that say a path cannot be used as asked: reported as one line naming the path
+FS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                       errno.EACCES, errno.EPERM, errno.ENOENT})
+# libraries that wrap an OSError in their own exception keep its number in the text (TensorStore, via
+# Orbax: "... No space left on device [os_error_code='28']"; Python: "[Errno 28] ...")
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]|os_error_code='?(\d+)")
+_QUOTED_PATH = re.compile(r'["\'](/[^"\']+)["\']')
+
+
+def file_system_error(e: BaseException, path: str | None = None) -> str | None:
+  """'PATH: what is wrong' when `e` comes from the file system, else None; `path` stands in for a path the
+  error does not name."""
+  code, where = None, None
+  if isinstance(e, OSError) and e.errno in FS_ERRNOS:
+    code, where = e.errno, e.filename
+  elif m := _ERRNO_TEXT.search(str(e)):
+    code, where = int(m.group(1) or m.group(2)), next(iter(_QUOTED_PATH.findall(str(e))), None)
+  elif isinstance(e, RuntimeError) and (inner := e.__cause__ or e.__context__) is not None:
+    return file_system_error(inner, path)   # a library's wrapper: what it wraps
+  if code not in FS_ERRNOS:
+    return None
+  what = os.strerror(code)
+  if code in (errno.ENOSPC, errno.EDQUOT):
+    what += '; free some space and rerun the same command'
+  return f'{where or path or "(no path reported)"}: {what}'
+
+
+class _QuietFileSystemErrors(std_logging.Filter):
+  """Drops the tracebacks libraries log from their worker threads for a file-system error: the main thread
+  reports the same error as one line."""
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or file_system_error(exc) is None
+
+
+def _quiet_unraisable(hook):
+  """TensorStore futures that finish after Orbax closed its event loop on a failed save raise 'Event loop
+  is closed' where nobody can catch it; the failure itself is reported as one line."""
+  def quiet(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'):
+      hook(unraisable)
+  return quiet
+
+
 @contextlib.contextmanager
-def clear_errors():
+def clear_errors(path: str | None = None):
+  """Bad input and file-system errors inside become one `error:` line and exit code 2; `path` (a workdir)
+  names the place of a file-system error whose message has none."""
+  from absl import logging
+  handler, quiet, hook = logging.get_absl_handler(), _QuietFileSystemErrors(), sys.unraisablehook
+  handler.addFilter(quiet)
+  sys.unraisablehook = _quiet_unraisable(hook)
   try:
     yield
-  except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-    fail(str(e))
+  except Exception as e:   # anything not named below is re-raised with its traceback
+    message = file_system_error(e, path)
+    if message is not None:
+      fail(message)
+    if isinstance(e, (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)):
+      fail(str(e))
+    raise
+  finally:
+    handler.removeFilter(quiet)
+    sys.unraisablehook = hook
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses, before anything is written, a workdir that is a file, lies under a file or cannot be written
+  (read-only file system, no permission)."""
+  target = os.path.abspath(workdir)
+  existing = target   # the workdir, or the nearest existing folder it would be created in
+  while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f'{workdir}: ' + ('exists and is not a directory' if existing == target else
+                                       f'cannot be created: {existing} is a file'))
+  if not os.access(existing, os.W_OK | os.X_OK):
+    why = 'read-only file system' if os.statvfs(existing).f_flag & os.ST_RDONLY else 'permission denied'
+    raise UsageError(f'{workdir}: ' + (f'cannot be written ({why})' if existing == target else
+                                       f'cannot be created: {existing} cannot be written ({why})'))
 
 
 def enable_compilation_cache(path: str) -> None:
   """Persistent XLA compilation cache: a second run with the same shapes skips compilation."""
   if not path:
     return
-  import os
   import jax
   path = os.path.expanduser(path)
   os.makedirs(path, exist_ok=True)
@@ -42,28 +124,77 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def _flag_value(args, name: str):
+  """The value given to --NAME in `args` (`--NAME=V` or `--NAME V`), or None."""
+  for i, arg in enumerate(args):
+    if re.fullmatch(rf'--?{name}', arg):
+      return args[i + 1] if i + 1 < len(args) else None
+    if m := re.fullmatch(rf'--?{name}=(.*)', arg):
+      return m.group(1)
+  return None
+
+
+def _missing_key_hint(config, path: str) -> str:
+  """'; did you mean ...?' with the keys beside the first part of `path` that the config lacks."""
+  import difflib
+  node = config
+  for part in path.split('.'):
+    keys = list(node.keys()) if hasattr(node, 'keys') else []
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=3)
+      return f'; did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
+    node = node[part]
+  return ''
+
+
+def _config_override_error(flag_values, argv) -> str | None:
+  """'unknown config key ...' for the first --NAME.PATH override whose PATH is not a field of config NAME
+  (ml_collections itself reports only the missing part, as a bare KeyError)."""
+  from ml_collections.config_flags import config_path
+  args = list(argv[1:])
+  for arg in args:
+    m = re.fullmatch(r'--?(\w+)\.([\w.]+)(=.*)?', arg)
+    if not m or m.group(1) not in flag_values:
+      continue
+    name, path = m.group(1), m.group(2)
+    try:
+      config = flag_values[name].parser.parse(_flag_value(args, name))
+    except Exception:   # not a config flag, or its file does not load: absl's own message stands
+      continue
+    try:
+      config_path.get_type(path, config)
+    except Exception:   # any failure to resolve PATH in the config is the answer
+      return f'unknown config key {path!r} in {arg}{_missing_key_hint(config, path)}'
+  return None
+
+
+def parse_flags(argv, flag_values=None):
+  """absl flag parsing with flag and config-override errors reported as one line and exit code 2."""
+  from absl import flags
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    message = str(e)
+    if 'Traceback (most recent call last)' in message:   # a config file that raised while loading
+      head = message.split('\n', 1)[0].rstrip(': ')
+      message = f'{head}: {message.strip().splitlines()[-1]}'
+    fail(message)
+  except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections override errors
+    fail(_config_override_error(flag_values, argv) or f'bad config override: {e}')
+
+
 def run(main):
   """absl's app.run, with flag and config-override errors reported as one line and exit code 2."""
-  def flags_parser(argv):
-    from absl import flags
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      message = str(e)
-      if 'Traceback (most recent call last)' in message:   # a config file that raised while loading
-        head = message.split('\n', 1)[0].rstrip(': ')
-        message = f'{head}: {message.strip().splitlines()[-1]}'
-      fail(message)
-    except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections override errors
-      fail(f'bad config override: {e}')
-  app.run(main, flags_parser=flags_parser)
+  app.run(main, flags_parser=parse_flags)
 
 
-def run_training(train_fn, config, workdir: str, training_error, example: str):
-  """The shared body of the training entry points: checks --workdir/--config, keeps Orbax's per-save INFO
-  lines off the console unless --verbosity is given, runs `train_fn(config, workdir)` under `clear_errors`
-  (bad input: one line, exit 2) and turns `training_error` (a non-finite loss) into one line and exit 3.
-  Returns the training result, or the exit code of a usage error."""
+def run_training(train_fn, config, workdir: str, training_error, example: str, validate=None):
+  """The shared body of the training entry points: checks --workdir/--config, the config's values
+  (`validate(config)`) and the workdir before anything is written, keeps Orbax's per-save INFO lines off the
+  console unless --verbosity is given, runs `train_fn(config, workdir)` under `clear_errors` (bad input or a
+  file-system error: one line, exit 2) and turns `training_error` (a non-finite loss) into one line and
+  exit 3. Returns the training result, or the exit code of a usage error."""
   from absl import flags, logging
   if not workdir:
     return fail('--workdir is required')
@@ -71,7 +202,10 @@ def run_training(train_fn, config, workdir: str, training_error, example: str):
     return fail(f'--config is required (e.g. --config={example})')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  with clear_errors():
+  with clear_errors(workdir):
+    if validate is not None:
+      validate(config)
+    check_workdir(workdir)
     from common_jax import distributed
     distributed.maybe_initialize()   # before any JAX backend starts; only on multi-process launches
     try:

@@ -6,8 +6,9 @@ r"""Evaluate a similarity network on FIVR-5K/200K, EVVE or SVD from DnS-format f
 Writes OUT/metrics.json (the original's metric names), OUT/pr_curves.png and, with
 --config.store_similarities=True, OUT/similarities.pk ({query id: {target id: similarity}}, as the original).
 The database is the set of benchmark ids present in the feature file; queries missing from it are counted
-and reported. Any bad input ends the run with one error line naming the culprit and exit code 2; results of
-a failed run are never left behind (every output is written to a temporary name and renamed at the end).
+and reported. Any bad input (a config value, a workdir that is a file or read-only, ...) ends the run with one
+error line naming the culprit and exit code 2, and so does a full disk; results of a failed run are never
+left behind (every output is written to a temporary name and renamed at the end).
 
 Resumable: the engine keeps its partial sums in OUT/partial (saved every config.save_every_s seconds and on
 SIGTERM/SIGINT, which end the run cleanly); rerunning the same command skips the finished work and gives the
@@ -27,6 +28,7 @@ from ml_collections import config_flags
 
 from common_jax import cli
 from common_jax import io_util
+from hapvr_jax import validate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Evaluation config file (configs/fivr_5k.py, ...).',
                                           lock_config=True)
@@ -60,6 +62,7 @@ def evaluate(config, workdir: str) -> dict:
   from common_jax import distributed, mesh as mesh_lib, preemption
   from hapvr_jax import benchmarks, engine as engine_lib, engine_state, features as features_lib
 
+  validate.evaluation(config)
   os.makedirs(workdir, exist_ok=True)
   multi, writer = jax.process_count() > 1, jax.process_index() == 0
   if config.demo.enabled:
@@ -124,20 +127,23 @@ def evaluate(config, workdir: str) -> dict:
   return metrics
 
 
-def main(argv):
-  del argv
-  workdir = _WORKDIR.value
+def run(config, workdir) -> int:
+  """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
   if not workdir:
     return cli.fail('--workdir is required')
-  # A failed run must not leave an earlier run's results looking like its own.
-  io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
+  if config is None:
+    return cli.fail('--config is required (e.g. --config=configs/fivr_5k.py:demo)')
   t0 = time.time()
   from common_jax import distributed
   from hapvr_jax import engine_state
-  with cli.clear_errors():
+  with cli.clear_errors(workdir):
+    cli.check_workdir(workdir)
+    # A failed run must not leave an earlier run's results looking like its own.
+    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
+    validate.evaluation(config)
     distributed.maybe_initialize()
     try:
-      metrics = evaluate(_CONFIG.value, workdir)
+      metrics = evaluate(config, workdir)
     except engine_state.Stopped as e:
       print(f'{e}; rerun the same command to resume', flush=True)
       return 0
@@ -150,6 +156,11 @@ def main(argv):
   print(f'{metrics["pairs"]:,} pairs in {time.time() - t0:.1f}s ({metrics["pairs_per_second"]:.0f} pairs/s); '
         f'wrote {os.path.join(workdir, "metrics.json")}')
   return 0
+
+
+def main(argv):
+  del argv
+  return run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

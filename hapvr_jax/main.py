@@ -4,8 +4,10 @@ r"""HAP-VR self-supervised training (spec §4, §10): the command-line entry poi
   python -m hapvr_jax.main --config=configs/vcdb.py:demo --workdir=/tmp/hapvr_train_demo   # synthetic demo
 
 Rerunning the same command resumes from the workdir. SIGTERM/SIGINT save a checkpoint and stop. Bad input
-(missing shards, wrong feature shapes, unknown config keys) ends with one `error: ...` line and exit code 2;
-a non-finite loss stops the run with exit code 3, naming the step. See configs/vcdb.py for the fields.
+(missing shards, wrong feature shapes, unknown config keys, a bad config value, a workdir that is a file or
+read-only) ends with one `error: ...` line and exit code 2, the config values and the workdir being checked
+before anything is written; so does a full disk, which keeps the checkpoints already saved. A non-finite
+loss stops the run with exit code 3, naming the step. See configs/vcdb.py for the fields.
 """
 from __future__ import annotations
 
@@ -14,20 +16,33 @@ from ml_collections import config_flags
 
 from common_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config (configs/vcdb.py[:demo]).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.')
+# Defined only when run as a program (define_flags), so that tests can import `run` beside the other
+# entry points' --config/--workdir.
+_CONFIG = _WORKDIR = None
 
 
-def main(argv):
-  del argv
-  from hapvr_jax import train
-  result = cli.run_training(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, train.TrainingError,
-                            'configs/vcdb.py:demo')
-  print(f'finished at step {result["step"]}; outputs in {_WORKDIR.value} (train.jsonl, metrics.jsonl, '
+def define_flags():
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config (configs/vcdb.py[:demo]).',
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, TensorBoard events.')
+
+
+def run(config, workdir) -> int:
+  """Checks the config values and the workdir, then trains; bad input: one error line, exit code 2."""
+  from hapvr_jax import train, validate
+  result = cli.run_training(train.train_and_evaluate, config, workdir, train.TrainingError,
+                            'configs/vcdb.py:demo', validate=validate.training)
+  print(f'finished at step {result["step"]}; outputs in {workdir} (train.jsonl, metrics.jsonl, '
         'tensorboard/, ckpt/)', flush=True)
   return 0
 
 
+def main(argv):
+  del argv
+  return run(_CONFIG.value, _WORKDIR.value)
+
+
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)
