@@ -168,7 +168,7 @@ def _config_override_error(flag_values, argv) -> str | None:
   return None
 
 
-def parse_flags(argv, flag_values=None):
+def parse_config_flags(argv, flag_values=None):
   """absl flag parsing with flag and config-override errors reported as one line and exit code 2."""
   from absl import flags
   flag_values = flags.FLAGS if flag_values is None else flag_values
@@ -186,7 +186,7 @@ def parse_flags(argv, flag_values=None):
 
 def run(main):
   """absl's app.run, with flag and config-override errors reported as one line and exit code 2."""
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_config_flags)
 
 
 def run_training(train_fn, config, workdir: str, training_error, example: str, validate=None):

@@ -159,7 +159,7 @@ def test_config_override_errors_name_the_key(capsys, config_file, override, expe
   config_flags.DEFINE_config_file('config', None, 'config', lock_config=True, flag_values=flag_values,
                                   sys_argv=argv)
   with pytest.raises(SystemExit) as e:
-    cli.parse_flags(argv, flag_values)
+    cli.parse_config_flags(argv, flag_values)
   assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [expected]
 
 
