@@ -19,11 +19,10 @@ error line (see hapvr_jax.extract).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import numpy as np
+from absl import flags
 
 from backbones import fbank, registry
 from common_jax import cli
@@ -42,40 +41,44 @@ def audio_inputs(wave: np.ndarray, times: np.ndarray, mode: str, window: float, 
   return np.stack([fbank.ast_input_numpy(p, max_length=max_length) for p in pieces]).astype(np.float32)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('clip', None, 'converted clip_vitl14 directory', flag_values=fv, required=True)
+  flags.DEFINE_string('ast', None, 'converted ast directory', flag_values=fv, required=True)
+  flags.DEFINE_string('image_output', None, 'HDF5 file of CLIP features', flag_values=fv, required=True)
+  flags.DEFINE_string('audio_output', None, 'HDF5 file of AST features', flag_values=fv, required=True)
+  flags.DEFINE_enum('audio_segments', 'windows', ['windows', 'chunks'],
+                    'windows centred on the frame times, or equal consecutive chunks', flag_values=fv)
+  flags.DEFINE_float('audio_window', 5.0, 'seconds per centred audio window (> 0)', flag_values=fv)
+  extraction.require_positive(fv, 'audio_window')
+  flags.DEFINE_enum('no_audio', 'zeros', ['zeros', 'fail'], 'a video without audio: zero vectors, or a failure',
+                    flag_values=fv)
+  flags.DEFINE_integer('batch_size', 100, 'frames per CLIP batch', flag_values=fv, lower_bound=1)
+  flags.DEFINE_integer('audio_batch_size', 50, 'segments per AST batch', flag_values=fv, lower_bound=1)
+  extraction.define_flags(fv)
+
+
 def main(argv=None) -> int:
-  parser = extraction.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--clip', required=True, help='converted clip_vitl14 directory')
-  parser.add_argument('--ast', required=True, help='converted ast directory')
-  parser.add_argument('--image_output', required=True, help='HDF5 file of CLIP features')
-  parser.add_argument('--audio_output', required=True, help='HDF5 file of AST features')
-  parser.add_argument('--audio_segments', choices=('windows', 'chunks'), default='windows')
-  parser.add_argument('--audio_window', type=extraction.positive_float, default=5.0,
-                      help='seconds per centred audio window')
-  parser.add_argument('--no_audio', choices=('zeros', 'fail'), default='zeros')
-  parser.add_argument('--batch_size', type=extraction.positive_int, default=100, help='frames per CLIP batch')
-  parser.add_argument('--audio_batch_size', type=extraction.positive_int, default=50, help='segments per AST batch')
-  extraction.add_flags(parser)
-  flags = parser.parse_args(argv)
+  args = cli.parse_flags(define_flags, argv, __doc__)
   with cli.clear_errors():
-    return extract(flags)
+    return extract(args)
 
 
-def extract(flags) -> int:
-  videos, num_shards, shard_index = extraction.this_host(flags)
-  paths = {'image': extraction.shard_path(flags.image_output, num_shards, shard_index),
-           'audio': extraction.shard_path(flags.audio_output, num_shards, shard_index)}
+def extract(args) -> int:
+  videos, num_shards, shard_index = extraction.this_host(args)
+  paths = {'image': extraction.shard_path(args.image_output, num_shards, shard_index),
+           'audio': extraction.shard_path(args.audio_output, num_shards, shard_index)}
   if paths['image'] == paths['audio']:
     raise ValueError('--image_output and --audio_output must be different files')
-  clip, ast = registry.load(flags.clip, 'clip_vitl14'), registry.load(flags.ast, 'ast')
+  clip, ast = registry.load(args.clip, 'clip_vitl14'), registry.load(args.ast, 'ast')
   max_length = ast.config.max_length
   runners = {}
-  for name, net, size in (('image', clip, flags.batch_size), ('audio', ast, flags.audio_batch_size)):
+  for name, net, size in (('image', clip, args.batch_size), ('audio', ast, args.audio_batch_size)):
     fn, multiple = registry.batch_fn([net])
     runners[name] = extraction.PackedRunner(lambda x, fn=fn: fn(x)[0], -(-size // multiple) * multiple)
   writer = feature_writer.ResumableH5(paths, {
       'clip': extraction.backbone_identity(clip), 'ast': extraction.backbone_identity(ast), 'frames': SEGMENTS,
-      'audio_segments': flags.audio_segments, 'audio_window': float(flags.audio_window),
-      'no_audio': flags.no_audio, 'keep_extension': flags.keep_extension})
+      'audio_segments': args.audio_segments, 'audio_window': float(args.audio_window),
+      'no_audio': args.no_audio, 'keep_extension': args.keep_extension})
   failures = extraction.FailureLog(paths['image'] + '.failures.jsonl')
   silent, partial, dropped = [], {}, set()
 
@@ -86,10 +89,10 @@ def extract(flags) -> int:
     try:
       wave = video_io.read_audio(video.path, rate=fbank.SAMPLE_RATE)
     except video_io.VideoError as e:
-      if e.reason != 'no_audio' or flags.no_audio == 'fail':
+      if e.reason != 'no_audio' or args.no_audio == 'fail':
         raise
       return frames, None
-    return frames, audio_inputs(wave, times, flags.audio_segments, flags.audio_window, max_length)
+    return frames, audio_inputs(wave, times, args.audio_segments, args.audio_window, max_length)
 
   def collect(name, completed):
     out = []
@@ -139,14 +142,14 @@ def extract(flags) -> int:
         name: (lambda f, x=x.astype(np.float32): f.create_group(video.video_id).create_dataset('vectors', data=x))
         for name, x in out.items()}, {name: x.size * 4 for name, x in out.items()})
 
-  stats = extraction.run_resumable(videos, writer, failures, decode, compute, write, flush, flags.workers,
+  stats = extraction.run_resumable(videos, writer, failures, decode, compute, write, flush, args.workers,
                                    'avhash features')
   if stats is None:
     return 0
   writer.commit()
   print(json.dumps({**paths, **stats, 'no_audio_zero_vectors': len(silent), 'failures': failures.summary()}))
-  return 1 if flags.strict and failures.failures else 0
+  return 1 if args.strict and failures.failures else 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Mapping
 
 import numpy as np
 from absl import flags
 
 from common_jax import cli
-from common_jax.convert_util import to_numpy
+from common_jax.convert_util import ConversionError, to_numpy
 from hapvr_jax.model import ModelConfig
 
 # torch key suffix -> (flax path, transform). 'T': Linear weight [out, in] -> kernel [in, out];
@@ -40,10 +39,6 @@ TABLE = (
     ('comparator_module.fconv.weight', ('comparator_module', 'fconv', 'kernel'), 'OIHW'),
     ('comparator_module.fconv.bias', ('comparator_module', 'fconv', 'bias'), None),
 )
-
-
-class ConversionError(ValueError):
-  pass
 
 
 def expected_shapes(cfg: ModelConfig) -> dict:
@@ -168,19 +163,15 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv=None) -> int:
   args = cli.parse_flags(define_flags, argv, __doc__)
-  if any(os.path.exists(os.path.join(args.output, name)) for name in ('ckpt', 'model_config.json')):
-    print(f'error: {args.output} already holds a checkpoint; choose another --output or remove it', file=sys.stderr)
-    return 2
-  try:
+  with cli.clear_errors():   # bad input: one `error: ...` line, exit code 2
+    if any(os.path.exists(os.path.join(args.output, name)) for name in ('ckpt', 'model_config.json')):
+      raise ConversionError(f'{args.output} already holds a checkpoint; choose another --output or remove it')
     state_dict, ckpt_args = load_torch_checkpoint(args.torch_checkpoint, args.trust_pickle)
     params, cfg = convert_state_dict(state_dict, ckpt_args, where=args.torch_checkpoint)
-  except ConversionError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  if args.min_len is not None:
-    cfg = ModelConfig.from_dict({**cfg.to_dict(), 'min_len': args.min_len})
-  from common_jax import checkpoint
-  checkpoint.save_params(args.output, params, cfg.to_dict())
+    if args.min_len is not None:
+      cfg = ModelConfig.from_dict({**cfg.to_dict(), 'min_len': args.min_len})
+    from common_jax import checkpoint
+    checkpoint.save_params(args.output, params, cfg.to_dict())
   n = sum(int(np.prod(v.shape)) for v in __import__('jax').tree.leaves(params))
   print(f'wrote {args.output}: {n:,} parameters, {cfg.source} network, '
         f'f2f={cfg.f2f_sim_module}({cfg.f_topk_rate}) v2v={cfg.v2v_sim_module}({cfg.v_topk_rate}) '

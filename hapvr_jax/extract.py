@@ -23,14 +23,13 @@ finished videos kept.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import zlib
 
 import numpy as np
+from absl import flags
 
 from backbones import registry
 from common_jax import cli
@@ -75,89 +74,92 @@ def _list_files(folder: str, pattern: str):
   return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(pattern))
 
 
-def settings(flags, nets, dtype) -> dict:
+def settings(args, nets, dtype) -> dict:
   """What determines the stored features: a resumed or extended output must have been made with the same."""
-  out = {'mode': flags.mode, 'fps': float(flags.fps), 'dtype': dtype.name, 'short_side': 256,
-         'crop': 224 if flags.mode == 'eval' else 'none', 'keep_extension': flags.keep_extension,
+  out = {'mode': args.mode, 'fps': float(args.fps), 'dtype': dtype.name, 'short_side': 256,
+         'crop': 224 if args.mode == 'eval' else 'none', 'keep_extension': args.keep_extension,
          'resnet': extraction.backbone_identity(nets[0])}
-  if flags.mode == 'train':
-    out.update(dino=extraction.backbone_identity(nets[1]), dino_normalize=flags.dino_normalize, views=flags.views,
-               segments=flags.segments, segment_frames=SEGMENT_FRAMES, seed=flags.seed,
-               fonts_dir=os.path.abspath(flags.fonts_dir) if flags.fonts_dir else '',
-               emojis_dir=os.path.abspath(flags.emojis_dir) if flags.emojis_dir else '')
+  if args.mode == 'train':
+    out.update(dino=extraction.backbone_identity(nets[1]), dino_normalize=args.dino_normalize, views=args.views,
+               segments=args.segments, segment_frames=SEGMENT_FRAMES, seed=args.seed,
+               fonts_dir=os.path.abspath(args.fonts_dir) if args.fonts_dir else '',
+               emojis_dir=os.path.abspath(args.emojis_dir) if args.emojis_dir else '')
   return out
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum('mode', 'eval', ['eval', 'train'], 'eval: DnS-format features; train: augmented views',
+                    flag_values=fv)
+  flags.DEFINE_string('output', None, 'HDF5 file to write (per host: -0000k-of-0000n added)', flag_values=fv,
+                      required=True)
+  flags.DEFINE_string('resnet', None, 'converted resnet50_irmac (with PCA) directory', flag_values=fv,
+                      required=True)
+  flags.DEFINE_string('dino', '', 'converted dino_vits16 directory (train mode)', flag_values=fv)
+  flags.DEFINE_enum('dino_normalize', 'none', ['none', 'imagenet'],
+                    "DINO input: the original's raw [0,255] pixels (none) or ImageNet normalisation", flag_values=fv)
+  flags.DEFINE_integer('views', 4, 'train: views per segment (1 weak + views-1 strong)', flag_values=fv,
+                       lower_bound=1)
+  flags.DEFINE_integer('segments', 2, 'train: 56-frame segments per video', flag_values=fv, lower_bound=1)
+  flags.DEFINE_integer('bank_size', 0, 'train: black/noise bank entries per kind', flag_values=fv, lower_bound=0)
+  flags.DEFINE_string('fonts_dir', '', "TTF fonts for text overlays (e.g. augly's fonts)", flag_values=fv)
+  flags.DEFINE_string('emojis_dir', '', "RGBA PNG emojis for emoji overlays (e.g. augly's)", flag_values=fv)
+  flags.DEFINE_string('shards_output', '', 'train: also write ArrayRecord shards here at the end', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'seed of the per-video augmentations and the bank', flag_values=fv)
+  flags.DEFINE_float('fps', 1.0, 'frames decoded per second of video (> 0)', flag_values=fv)
+  extraction.require_positive(fv, 'fps')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'float16'], 'eval features dtype', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 128, 'frames per accelerator batch', flag_values=fv, lower_bound=1)
+  extraction.define_flags(fv)
+
+
 def main(argv=None) -> int:
-  parser = extraction.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--mode', choices=('eval', 'train'), default='eval')
-  parser.add_argument('--output', required=True, help='HDF5 file to write (per host: -0000k-of-0000n added)')
-  parser.add_argument('--resnet', required=True, help='converted resnet50_irmac (with PCA) directory')
-  parser.add_argument('--dino', default='', help='converted dino_vits16 directory (train mode)')
-  parser.add_argument('--dino_normalize', choices=('none', 'imagenet'), default='none',
-                      help="DINO input: the original's raw [0,255] pixels (none) or ImageNet normalisation")
-  parser.add_argument('--views', type=extraction.positive_int, default=4,
-                      help='train: views per segment (1 weak + views-1 strong)')
-  parser.add_argument('--segments', type=extraction.positive_int, default=2,
-                      help='train: 56-frame segments per video')
-  parser.add_argument('--bank_size', type=extraction.non_negative_int, default=0,
-                      help='train: black/noise bank entries per kind')
-  parser.add_argument('--fonts_dir', default='', help='TTF fonts for text overlays (e.g. augly\'s fonts)')
-  parser.add_argument('--emojis_dir', default='', help='RGBA PNG emojis for emoji overlays (e.g. augly\'s)')
-  parser.add_argument('--shards_output', default='', help='train: also write ArrayRecord shards here at the end')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--fps', type=extraction.positive_float, default=1.0)
-  parser.add_argument('--dtype', choices=('float32', 'float16'), default='float32', help='eval features dtype')
-  parser.add_argument('--batch_size', type=extraction.positive_int, default=128,
-                      help='frames per accelerator batch')
-  extraction.add_flags(parser)
-  flags = parser.parse_args(argv)
+  args = cli.parse_flags(define_flags, argv, __doc__)
   with cli.clear_errors():
-    return extract(flags)
+    return extract(args)
 
 
-def extract(flags) -> int:
+def extract(args) -> int:
   from hapvr_jax import augment  # pylint: disable=g-import-not-at-top
-  videos, num_shards, shard_index = extraction.this_host(flags)
-  output = extraction.shard_path(flags.output, num_shards, shard_index)
-  train = flags.mode == 'train'
-  if train and (not flags.dino or flags.views < 2 or flags.segments < 1):
+  videos, num_shards, shard_index = extraction.this_host(args)
+  output = extraction.shard_path(args.output, num_shards, shard_index)
+  train = args.mode == 'train'
+  if train and (not args.dino or args.views < 2 or args.segments < 1):
     raise ValueError('--mode=train needs --dino, --views >= 2 (1 weak + strong views) and --segments >= 1')
-  if flags.shards_output and (not train or num_shards > 1):
+  if args.shards_output and (not train or num_shards > 1):
     raise ValueError('--shards_output needs --mode=train on one host; with several hosts run '
                      'python -m input_pipeline.make_shards on the output folder once all have finished')
-  nets = [registry.load(flags.resnet, 'resnet50_irmac')]
+  nets = [registry.load(args.resnet, 'resnet50_irmac')]
   if train:
-    dino = registry.load(flags.dino, 'dino_vits16')
-    dino.config = dataclasses.replace(dino.config, normalize=flags.dino_normalize)
+    dino = registry.load(args.dino, 'dino_vits16')
+    dino.config = dataclasses.replace(dino.config, normalize=args.dino_normalize)
     nets.append(dino)
   fn, multiple = registry.batch_fn(nets)
-  batch = -(-flags.batch_size // multiple) * multiple
+  batch = -(-args.batch_size // multiple) * multiple
   runner = extraction.PackedRunner(fn if train else (lambda x: fn(x)[0]), batch)
-  fonts = _list_files(flags.fonts_dir, '.ttf') if flags.fonts_dir else None
-  emojis = _list_files(flags.emojis_dir, '.png') if flags.emojis_dir else None
-  dtype = np.dtype(np.float16) if train else np.dtype(flags.dtype)
-  writer = feature_writer.ResumableH5({'features': output}, settings(flags, nets, dtype))
+  fonts = _list_files(args.fonts_dir, '.ttf') if args.fonts_dir else None
+  emojis = _list_files(args.emojis_dir, '.png') if args.emojis_dir else None
+  dtype = np.dtype(np.float16) if train else np.dtype(args.dtype)
+  writer = feature_writer.ResumableH5({'features': output}, settings(args, nets, dtype))
   failures = extraction.FailureLog(output + '.failures.jsonl')
   meta = {}
 
   def decode(video):
     if not train:
-      frames = video_io.read_frames_fps(video.path, fps=flags.fps, short_side=256, crop=224)[0]
+      frames = video_io.read_frames_fps(video.path, fps=args.fps, short_side=256, crop=224)[0]
       return extraction.frames_or_error(video, frames)
-    frames = extraction.frames_or_error(video, video_io.read_frames_fps(video.path, fps=flags.fps,
+    frames = extraction.frames_or_error(video, video_io.read_frames_fps(video.path, fps=args.fps,
                                                                         short_side=256, crop=None)[0])
-    rng = video_rng(flags.seed, video.video_id)
-    segs, n = segments_of(frames, flags.segments, rng)
+    rng = video_rng(args.seed, video.video_id)
+    segs, n = segments_of(frames, args.segments, rng)
     views, meta[video.video_id] = [], []
     for s, (start, seg) in enumerate(segs):
-      for v in range(flags.views):
+      for v in range(args.views):
         kind = 'weak' if v == 0 else 'strong'
         clip, m = (augment.weak_view(seg, rng) if v == 0 else
                    augment.strong_view(seg, rng, fonts=fonts, emojis=emojis))
         views.append(clip)
         meta[video.video_id].append((s, kind, v if v == 0 else v - 1, {
-            **m, 'source_frames': n, 'segment_start': start, 'seed': flags.seed, 'view_type': kind}))
+            **m, 'source_frames': n, 'segment_start': start, 'seed': args.seed, 'view_type': kind}))
     return np.concatenate(views)
 
   def write(video, out):
@@ -181,23 +183,23 @@ def extract(flags) -> int:
       nbytes = out.size * dtype.itemsize
     writer.write(video.video_id, {'features': put}, nbytes)
 
-  stats = extraction.run_resumable(videos, writer, failures, decode, runner.add, write, runner.flush, flags.workers,
-                                   f'{flags.mode} features')
+  stats = extraction.run_resumable(videos, writer, failures, decode, runner.add, write, runner.flush, args.workers,
+                                   f'{args.mode} features')
   if stats is None:
     return 0
-  if train and flags.bank_size and shard_index == 0:
+  if train and args.bank_size and shard_index == 0:
     from input_pipeline.shard_format import save_bank  # pylint: disable=g-import-not-at-top
-    bank_rng = np.random.default_rng([flags.seed, 0xBA4C])
+    bank_rng = np.random.default_rng([args.seed, 0xBA4C])
     save_bank(os.path.join(os.path.dirname(os.path.abspath(output)), 'bank.npz'),
-              make_bank(fn, flags.bank_size, bank_rng, augment, fonts, emojis, batch))
+              make_bank(fn, args.bank_size, bank_rng, augment, fonts, emojis, batch))
   writer.commit()
-  if train and flags.shards_output:
+  if train and args.shards_output:
     from input_pipeline import hdf5_views  # pylint: disable=g-import-not-at-top
-    hdf5_views.convert(os.path.dirname(os.path.abspath(output)), flags.shards_output, progress=True)
+    hdf5_views.convert(os.path.dirname(os.path.abspath(output)), args.shards_output, progress=True)
   print(json.dumps({'output': output, **stats, 'failures': failures.summary(),
                     'padded_frames': runner.padded_rows, 'batches': runner.batches}))
-  return 1 if flags.strict and failures.failures else 0
+  return 1 if args.strict and failures.failures else 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -13,7 +13,6 @@ end and written as JSON lines. A SIGTERM/SIGINT stops after the video in flight,
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -26,7 +25,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 import tqdm
-from absl import logging
+from absl import flags, logging
 
 from common_jax import io_util
 from input_pipeline import feature_writer
@@ -300,43 +299,23 @@ def frames_or_error(video: Video, frames: np.ndarray, what: str = 'frames') -> n
 
 # ------------------------------------------------------------------------------- shared CLI pieces
 
-class Parser(argparse.ArgumentParser):
-  """argparse with the one-clear-error policy: a bad flag is one `error: ...` line and exit code 2."""
-
-  def error(self, message):
-    from common_jax import cli
-    cli.fail(message)
+def require_positive(fv: flags.FlagValues, name: str) -> None:
+  """A float flag must be finite and > 0: absl's lower_bound is inclusive and lets nan through."""
+  flags.register_validator(name, lambda x: x is not None and math.isfinite(x) and x > 0,
+                           message='must be a positive number', flag_values=fv)
 
 
-def _number(kind, low: str):
-  """An argparse type: a finite `kind` (int or float) that is > 0 (low='positive') or >= 0."""
-  def parse(text: str):
-    try:
-      x = kind(text)
-    except ValueError:
-      x = None
-    if x is None or not math.isfinite(x) or x < 0 or (low == 'positive' and x == 0):
-      raise argparse.ArgumentTypeError(f'must be a {"positive" if low == "positive" else "non-negative"} '
-                                       f'{"integer" if kind is int else "number"}, got {text!r}')
-    return x
-  return parse
-
-
-positive_int, positive_float = _number(int, 'positive'), _number(float, 'positive')
-non_negative_int = _number(int, 'non-negative')
-
-
-def add_flags(parser) -> None:
+def define_flags(fv: flags.FlagValues) -> None:
   """The flags every extraction CLI has: the video collection, the host split, decoding threads, --strict."""
-  parser.add_argument('--videos', default='', help='list file: "path" or "id<TAB>path" per line')
-  parser.add_argument('--video_dir', default='', help='or: every video file in this folder')
-  parser.add_argument('--keep_extension', action='store_true', help='ids keep the file extension (SVD)')
-  parser.add_argument('--workers', type=positive_int, default=4, help='decoding threads')
-  parser.add_argument('--num_shards', type=positive_int, default=None, help='hosts sharing the collection '
-                      '(default: the JAX process count)')
-  parser.add_argument('--shard_index', type=non_negative_int, default=None, help='this host (default: the JAX '
-                      'process index)')
-  parser.add_argument('--strict', action='store_true', help='exit 1 if any video failed')
+  flags.DEFINE_string('videos', '', 'list file: "path" or "id<TAB>path" per line', flag_values=fv)
+  flags.DEFINE_string('video_dir', '', 'or: every video file in this folder', flag_values=fv)
+  flags.DEFINE_bool('keep_extension', False, 'ids keep the file extension (SVD)', flag_values=fv)
+  flags.DEFINE_integer('workers', 4, 'decoding threads', flag_values=fv, lower_bound=1)
+  flags.DEFINE_integer('num_shards', None, 'hosts sharing the collection (default: the JAX process count)',
+                       flag_values=fv, lower_bound=1)
+  flags.DEFINE_integer('shard_index', None, 'this host (default: the JAX process index)', flag_values=fv,
+                       lower_bound=0)
+  flags.DEFINE_bool('strict', False, 'exit 1 if any video failed', flag_values=fv)
 
 
 def backbone_identity(backbone) -> str:
@@ -350,14 +329,14 @@ def backbone_identity(backbone) -> str:
   return f'{backbone.arch}, sha1 {h.hexdigest()[:16]}'
 
 
-def this_host(flags):
+def this_host(args):
   """(this host's videos, num_shards, shard_index), after joining a multi-process launch if there is one."""
   import jax
   from common_jax import distributed
   distributed.maybe_initialize()   # multi-process launches only; sets the default host split
-  num_shards = flags.num_shards or jax.process_count()
-  shard_index = jax.process_index() if flags.shard_index is None else flags.shard_index
-  videos = read_video_list(flags.videos, flags.video_dir, flags.keep_extension)
+  num_shards = args.num_shards or jax.process_count()
+  shard_index = jax.process_index() if args.shard_index is None else args.shard_index
+  videos = read_video_list(args.videos, args.video_dir, args.keep_extension)
   return select_shard(videos, num_shards, shard_index), num_shards, shard_index
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Callable, Dict, Mapping, Optional, Set, Union
 
 import h5py
-from absl import logging
+from absl import flags, logging
 
-from common_jax import faults
+from common_jax import cli, faults
 
 SETTINGS_ATTR = 'extraction_settings'
 MARGIN = 16 * 2**20   # beyond a video's own bytes: HDF5 metadata, chunk indexes, the commit log
@@ -222,21 +223,27 @@ def link_files(output: str, parts) -> int:
   return len(owner)
 
 
+LINK_USAGE = r"""Links per-host extraction outputs into one HDF5 file (external links; nothing is copied).
+
+  python -m input_pipeline.feature_writer --output=fivr_5k.h5 fivr_5k-00000-of-00002.h5 fivr_5k-00001-of-00002.h5
+"""
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('output', None, 'the HDF5 file of external links to write (the part files are the arguments)',
+                      flag_values=fv, required=True)
+
+
 def main(argv=None) -> int:
-  import sys
-  from common_jax import cli
-  from input_pipeline import extraction
-  parser = extraction.Parser(description='Link per-host extraction outputs into one HDF5 file '
-                             '(external links; nothing is copied).')
-  parser.add_argument('--output', required=True)
-  parser.add_argument('parts', nargs='+', help='the x-0000k-of-0000n.h5 files')
-  flags = parser.parse_args(argv)
+  args = cli.parse_flags(define_flags, argv, LINK_USAGE, positional='parts')
+  if not args.parts:
+    return cli.fail('give the x-0000k-of-0000n.h5 part files to link after the flags')
   with cli.clear_errors():
-    n = link_files(flags.output, flags.parts)
-  print(f'wrote {flags.output}: {n} videos linked from {len(flags.parts)} files')
+    n = link_files(args.output, args.parts)
+  print(f'wrote {args.output}: {n} videos linked from {len(args.parts)} files')
   sys.stdout.flush()
   return 0
 
 
 if __name__ == '__main__':
-  raise SystemExit(main())
+  cli.run_main(main)

@@ -19,9 +19,16 @@ from launch import common, gpu, tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG_PROGRAMS = ('hapvr_jax.convert', 'avhash_jax.convert', 'backbones.convert_backbone',
-                 'input_pipeline.make_av_shards', 'input_pipeline.make_shards')
+                 'input_pipeline.make_av_shards', 'input_pipeline.make_shards', 'hapvr_jax.extract',
+                 'avhash_jax.extract', 'input_pipeline.feature_writer')
+POSITIONAL = {'input_pipeline.feature_writer': 'parts'}   # programs that take arguments after the flags
 LAUNCHERS = {'launch/tpu.py': tpu, 'launch/gpu.py': gpu}
 _COMMAND = re.compile(r'python (?:-m ([\w.]+)|(launch/\w+\.py))([^`\n]*)')
+
+
+def usage(mod):
+  """What --help prints first: the program's docstring (a library module with a main: its own text)."""
+  return getattr(mod, 'LINK_USAGE', None) or mod.__doc__
 
 
 def documented_commands():
@@ -30,7 +37,7 @@ def documented_commands():
   for path in [os.path.join(ROOT, 'README.md'), *glob.glob(os.path.join(ROOT, 'docs', '*.md'))]:
     with open(path) as f:
       sources[path] = f.read()
-  sources.update({name: importlib.import_module(name).__doc__ for name in FLAG_PROGRAMS})
+  sources.update({name: usage(importlib.import_module(name)) for name in FLAG_PROGRAMS})
   sources.update({name: mod.__doc__ for name, mod in LAUNCHERS.items()})
   for where, text in sources.items():
     for m in _COMMAND.finditer(text.replace('\\\n', ' ')):
@@ -44,7 +51,7 @@ def documented_commands():
 def parse(program, argv):
   if program in LAUNCHERS:
     return common.parse(LAUNCHERS[program].ACTIONS, argv, '', program)[1]
-  return cli.parse_flags(importlib.import_module(program).define_flags, argv)
+  return cli.parse_flags(importlib.import_module(program).define_flags, argv, positional=POSITIONAL.get(program))
 
 
 def test_every_documented_command_parses(capsys):
@@ -65,8 +72,8 @@ def test_help_says_what_and_shows_an_example(name, capsys):
     mod.main(['--help'])
   out = capsys.readouterr().out
   assert e.value.code == 0
-  assert out.startswith(mod.__doc__.strip().splitlines()[0]) and f'\n  python -m {name} --' in out
-  assert '\nflags:\n  --' in out and '--output' in out and '\nrequired: ' in out
+  assert out.startswith(usage(mod).strip().splitlines()[0]) and f'\n  python -m {name} --' in out
+  assert '\nflags:\n  --' in out and re.search(r'\n  --\w*output: ', out) and '\nrequired: ' in out
 
 
 def test_launcher_help_lists_actions_and_their_flags(capsys):
@@ -89,7 +96,14 @@ def test_launcher_help_lists_actions_and_their_flags(capsys):
     ('avhash_jax.convert', ['--output=o', '--bits', 'many'], 'flag --bits=many: invalid literal for int()'),
     ('input_pipeline.make_shards', ['--input=a', '--output=b', '--bogus=1'], "Unknown command line flag 'bogus'"),
     ('input_pipeline.make_shards', ['--input=a', '--output=b', 'stray'], "error: unexpected argument 'stray'"),
-], ids=['required', 'three-required', 'enum', 'int', 'unknown', 'stray'])
+    ('hapvr_jax.extract', ['--resnet=r', '--output=o', '--fps=nan'], 'error: flag --fps=nan: must be a positive'),
+    ('hapvr_jax.extract', ['--resnet=r', '--output=o', '--shard_index=-1'], '-1 is not a non-negative integer'),
+    ('avhash_jax.extract', ['--clip=c', '--ast=a'], 'error: --image_output is required; --audio_output is required'),
+    ('avhash_jax.extract', ['--clip=c', '--ast=a', '--image_output=i', '--audio_output=o', '--no_audio=none'],
+     'flag --no_audio=none: value should be one of <zeros|fail>'),
+    ('input_pipeline.feature_writer', ['--output=o'], 'error: give the x-0000k-of-0000n.h5 part files'),
+], ids=['required', 'three-required', 'enum', 'int', 'unknown', 'stray', 'nan', 'negative', 'extract-required',
+        'no_audio-enum', 'no-parts'])
 def test_parse_errors_are_one_line_and_exit_2(name, argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     importlib.import_module(name).main(argv)
@@ -105,6 +119,9 @@ def test_flag_forms_defaults_and_shared_names():
   backbone = importlib.import_module('backbones.convert_backbone')
   av_shards = importlib.import_module('input_pipeline.make_av_shards')
   shards = importlib.import_module('input_pipeline.make_shards')
+  hapvr_extract = importlib.import_module('hapvr_jax.extract')
+  avhash_extract = importlib.import_module('avhash_jax.extract')
+  feature_writer = importlib.import_module('input_pipeline.feature_writer')
   for _ in range(2):
     a = cli.parse_flags(hapvr.define_flags, ['--torch_checkpoint', 'm.pth', '--output', 'o', '--trust_pickle'])
     assert (a.torch_checkpoint, a.output, a.trust_pickle, a.min_len) == ('m.pth', 'o', True, None)
@@ -122,6 +139,18 @@ def test_flag_forms_defaults_and_shared_names():
         ['x', 'y'], 'fcvid', True, 4096, 'float32', 'avhash')
     a = cli.parse_flags(shards.define_flags, ['--input=i', '--output=o'])
     assert (a.records_per_shard, a.name) == (1024, 'vcdb')
+    a = cli.parse_flags(hapvr_extract.define_flags, ['--resnet', 'r', '--output=o', '--keep_extension'])
+    assert (a.mode, a.dino, a.dino_normalize, a.views, a.segments, a.bank_size, a.seed, a.fps, a.dtype,
+            a.batch_size, a.fonts_dir, a.shards_output) == (
+                'eval', '', 'none', 4, 2, 0, 0, 1.0, 'float32', 128, '', '')
+    assert (a.videos, a.video_dir, a.keep_extension, a.workers, a.num_shards, a.shard_index, a.strict) == (
+        '', '', True, 4, None, None, False)
+    a = cli.parse_flags(avhash_extract.define_flags, ['--clip=c', '--ast=a', '--image_output=i', '--audio_output',
+                                                      'o', '--no_audio=fail', '--strict', '--shard_index=0'])
+    assert (a.audio_segments, a.audio_window, a.no_audio, a.batch_size, a.audio_batch_size, a.strict,
+            a.shard_index) == ('windows', 5.0, 'fail', 100, 50, True, 0)
+    a = cli.parse_flags(feature_writer.define_flags, ['a.h5', '--output', 'o', 'b.h5'], positional='parts')
+    assert (a.output, a.parts) == ('o', ['a.h5', 'b.h5'])
   _, a, program = common.parse(gpu.ACTIONS, ['run', '--gpus', '2', '--env=A=1', '--env', 'B=2', '--', 'p', '-x'],
                                '', 'launch/gpu.py')
   assert (a.gpus, a.env, a.nodes, a.node_rank, a.log_dir, a.dry_run, program) == (
@@ -144,5 +173,7 @@ def test_as_programs():
   assert r.returncode == 0 and '\n  python -m input_pipeline.make_av_shards --image_h5=' in r.stdout, r.stderr
   r = run('-m', 'input_pipeline.make_av_shards', '--image_h5', 'i', '--audio_h5=a')
   assert r.returncode == 2 and r.stderr == 'error: --output is required\n' and not r.stdout
+  r = run('-m', 'input_pipeline.feature_writer', '--output=o')
+  assert r.returncode == 2 and r.stderr.startswith('error: give the ') and r.stderr.count('\n') == 1, r.stderr
   r = run('-m', 'hapvr_jax.main', '--help')
   assert '\n  python -m hapvr_jax.main --config=configs/vcdb.py' in r.stdout and '--workdir' in r.stdout, r.stderr

@@ -66,7 +66,10 @@ def run_cli(tmp_path, obj_or_path, *extra):
     src = str(tmp_path / 'model.pth')
     torch.save(obj_or_path, src)
   out = str(tmp_path / 'converted')
-  rc = convert.main([f'--torch_checkpoint={src}', f'--output={out}', *extra])
+  try:
+    rc = convert.main([f'--torch_checkpoint={src}', f'--output={out}', *extra])
+  except SystemExit as e:   # bad input ends through cli.clear_errors: one `error:` line, exit code 2
+    rc = e.code
   return rc, out
 
 
@@ -216,7 +219,7 @@ def test_binarization_checkpoint(tmp_path, capsys):
 # ==========================================================================================================
 def assert_failed(rc, out, capsys, *culprits):
   err = capsys.readouterr().err
-  assert rc != 0
+  assert rc == 2 and err.startswith('error: '), err
   for c in culprits:
     assert c in err, f'{c!r} not in stderr:\n{err}'
   assert not os.path.exists(os.path.join(out, checkpoint.MODEL_CONFIG))
@@ -263,6 +266,21 @@ def test_wrong_shape(tmp_path, capsys):
   err = assert_failed(rc, out, capsys, 'attention.transform.weight', 'attention.transform.bias',
                       'attention.context_vector.weight')
   assert '256' in err and '512' in err
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path, hapvr_model, capsys):
+  """Refused through the shared policy (cli.clear_errors): SystemExit(2) and one line, the old files intact."""
+  path = str(tmp_path / 'model.pth')
+  ref.make_original_checkpoint(path, hapvr_model, hapvr=True)
+  out = tmp_path / 'converted'
+  out.mkdir()
+  (out / checkpoint.MODEL_CONFIG).write_text('{"dims": 256}')
+  with pytest.raises(SystemExit) as e:
+    convert.main([f'--torch_checkpoint={path}', f'--output={out}'])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count('\n') == 1 and err.startswith(f'error: {out} already holds a checkpoint')
+  assert os.listdir(out) == [checkpoint.MODEL_CONFIG]
+  assert (out / checkpoint.MODEL_CONFIG).read_text() == '{"dims": 256}'
 
 
 def test_nonexistent_file(tmp_path, capsys):
