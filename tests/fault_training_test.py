@@ -27,6 +27,7 @@ from common_jax import mesh as mesh_lib
 from configs import fcvid
 from configs import vcdb
 from hapvr_jax import demo_data as hapvr_demo
+from train_loop_test import damage_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,14 +76,6 @@ def _events(workdir):
 
 def _committed(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'ckpt')) if d.isdigit())
-
-
-def _damage(workdir, step):
-  """What a bad disk or a stray copy does: the step's files overwritten with garbage of the same size."""
-  for path in glob.glob(os.path.join(workdir, 'ckpt', str(step), 'state', '**', '*'), recursive=True):
-    if os.path.isfile(path) and not path.endswith('.txt'):
-      with open(path, 'r+b') as f:
-        f.write(np.random.default_rng(0).bytes(os.path.getsize(path)))
 
 
 def _interrupted_save(workdir, step):
@@ -146,7 +139,7 @@ def test_hapvr_training_survives_kills(hapvr_data, one_device, tmp_path):
   _interrupted_save(w, HAPVR_STEPS)
   run('train.checkpointed@1')       # again from 4, killed right after the final checkpoint
   assert _committed(w) == [2, 4, 6] and _rows(w, 'metrics.jsonl')[-1][0] == HAPVR_STEPS
-  _damage(w, HAPVR_STEPS)
+  damage_checkpoint(w, HAPVR_STEPS)
   r = run()
   assert re.search(rf'checkpoint step {HAPVR_STEPS} in \S+ cannot be read .*resuming from step 4', r.stderr), \
       r.stderr[-3000:]
@@ -214,7 +207,7 @@ def test_avhash_training_survives_kills(avhash_data, one_device, tmp_path):
   _interrupted_save(w, 9)
   run('train.checkpointed@1')       # again from 6, killed right after the final checkpoint: no test yet
   assert _committed(w) == [6, 9] and not os.path.exists(os.path.join(w, 'test'))
-  _damage(w, 9)
+  damage_checkpoint(w, 9)
   r = run()
   assert re.search(r'checkpoint step 9 in \S+ cannot be read .*resuming from step 6', r.stderr), r.stderr[-3000:]
   assert _committed(w) == [6, 9] and os.path.isdir(os.path.join(w, 'ckpt', '9.corrupt'))

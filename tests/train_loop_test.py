@@ -72,7 +72,8 @@ def _abstract():
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), _state(0))
 
 
-def _damage(directory, step):
+def damage_checkpoint(directory, step):
+  """What a bad disk or a stray copy does: the step's data files overwritten with garbage of the same size."""
   for path in glob.glob(os.path.join(directory, 'ckpt', str(step), 'state', '**', '*'), recursive=True):
     if os.path.isfile(path) and not path.endswith('.txt'):
       with open(path, 'r+b') as f:
@@ -85,7 +86,7 @@ def test_training_restore_falls_back_past_a_damaged_step(tmp_path, caplog):
   for step in (1, 2, 3):
     checkpoint.save_train(mngr, step, _state(step), force=True)
   mngr.close()
-  _damage(d, 3)
+  damage_checkpoint(d, 3)
   mngr = checkpoint.manager(d, max_to_keep=3, writer=True)
   with caplog.at_level(logging.WARNING):
     step, state = checkpoint.restore_train(mngr, _abstract())
@@ -98,7 +99,7 @@ def test_training_restore_falls_back_past_a_damaged_step(tmp_path, caplog):
 
   # When no step reads back, the cause is as likely this run (another model) as the files: nothing is moved.
   for step in (1, 2, 3):
-    _damage(d, step)
+    damage_checkpoint(d, step)
   mngr = checkpoint.manager(d, max_to_keep=3, writer=True)
   with pytest.raises(checkpoint.CheckpointError, match=r'ckpt: checkpoint step 3 cannot be restored \(.+\); '
                      r'the older steps \[2, 1\] fail too'):
@@ -110,7 +111,7 @@ def test_training_restore_falls_back_past_a_damaged_step(tmp_path, caplog):
 def test_load_params_names_a_damaged_step(tmp_path):
   d = str(tmp_path / 'ck')
   checkpoint.save_params(d, {'w': np.ones(3, np.float32)}, {'dims': 3}, step=7)
-  _damage(d, 7)
+  damage_checkpoint(d, 7)
   with pytest.raises(checkpoint.CheckpointError, match=f'{d}: checkpoint step 7 cannot be read \\(.+\\)'):
     checkpoint.load_params(d)
   with pytest.raises(checkpoint.CheckpointError, match='has no step 5'):
