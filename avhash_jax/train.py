@@ -12,9 +12,11 @@
   to WORKDIR/tensorboard/.
 * Checkpoints: WORKDIR/ckpt (Orbax: params, Adam state, step, Grain iterator position) at every epoch end,
   every `checkpoint_every` steps and on SIGTERM/SIGINT; rerunning the same command resumes, on any device
-  count. Whenever the validation mAP improves, the parameters are written to WORKDIR/best (a checkpoint
-  directory for `avhash_jax.evaluate --config.checkpoint=WORKDIR/best`, replaced atomically) with
-  best.json (step, epoch, mAP).
+  count (the loop, and why a kill loses nothing: common_jax.train_loop). Whenever the validation mAP
+  improves, the parameters are written to WORKDIR/best (a checkpoint directory for `avhash_jax.evaluate
+  --config.checkpoint=WORKDIR/best`, replaced atomically) with best.json (step, epoch, mAP), before the
+  checkpoint of that step; a resumed run takes the best so far from the validations in metrics.jsonl up to its
+  checkpoint.
 * At the end, with a test list, the best checkpoint is evaluated as `avhash_jax.evaluate` does (test list vs
   retrieval list) into WORKDIR/test/{metrics.json, codes.h5, pr_curve.png}.
 """
@@ -39,17 +41,17 @@ from common_jax import distributed
 from common_jax import io_util
 from common_jax import mesh as mesh_lib
 from common_jax import metric_writer
-from common_jax import preemption
+from common_jax import train_loop
 
 BEST = 'best'
 
 
-class TrainingError(RuntimeError):
-  """Training cannot go on (a non-finite loss): the message names the step."""
+TrainingError = train_loop.TrainingError
 
 
 class Validator:
-  """Codes of the val list (queries) and the retrieval list (database) → mAP@all, mAP@K, P@K."""
+  """Codes of the val list (queries) and the retrieval list (database) → mAP@all, mAP@K, P@K (a
+  train_loop.Evaluator)."""
 
   def __init__(self, config, model_config, features, queries, database, mesh):
     self.config, self.model_config, self.features, self.mesh = config, model_config, features, mesh
@@ -149,19 +151,19 @@ def _save_best(workdir, params, model_config, record) -> None:
   distributed.barrier('avhash best: replaced')
 
 
-def _read_best(workdir) -> dict:
-  path = os.path.join(workdir, BEST, 'best.json')
-  if not os.path.exists(path):
-    return {'mAP': -1.0}
-  import json
-  with open(path) as f:
-    return json.load(f)
+def _best_until(workdir, step) -> dict:
+  """The best validation (step, epoch, mAP) among the rows of metrics.jsonl up to `step`: what best/ holds at
+  the checkpoint of `step` (rows of later steps may come from an attempt killed after that checkpoint)."""
+  best = {'mAP': -1.0}
+  for row in metric_writer.read_rows(os.path.join(workdir, 'metrics.jsonl'), until=step):
+    if isinstance(row.get('mAP'), float) and row['mAP'] > best['mAP']:
+      best = {'step': row['step'], 'epoch': row.get('epoch', 0), 'mAP': row['mAP']}
+  return best
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the best validation record and the test metrics."""
   from input_pipeline import av_pipeline
-  os.makedirs(workdir, exist_ok=True)
   cli.enable_compilation_cache(config.compilation_cache)
   if config.demo.enabled:
     _prepare_demo(config, workdir)
@@ -184,82 +186,56 @@ def train_and_evaluate(config, workdir: str) -> dict:
   local_mesh = mesh if jax.process_count() == 1 else mesh_lib.make_mesh(devices=jax.local_devices())
   validator = Validator(config, model_config, features, lists['val_list'], lists['retrieval_list'], local_mesh)
 
-  mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, item_names=('state', 'data'))
-  start, state = checkpoint.restore_train(mngr, step_lib.abstract_state(model_config, config, mesh), data_iter)
-  if state is None:
-    start = 0
-    state = jax.device_put(step_lib.init_state(_initial_params(config, model_config), config),
-                           mesh_lib.replicated(mesh))
-    checkpoint.write_model_config(workdir, model_config.to_dict())
-    logging.info('starting from scratch in %s', workdir)
-  else:
-    print(f'resumed from step {start} (epoch {start // steps_per_epoch}) in {workdir}', flush=True)
-  train_fn = step_lib.make_train_step(model_config, config, mesh, train=config.train_dropout)
-  writer = metric_writer.MetricWriter(workdir, 'metrics')
-  stop = preemption.StopSignal()
-  best = _read_best(workdir)
-
-  def validate(step):
-    nonlocal best
-    params = jax.device_get(state['params'])
-    m = validator(params)
-    epoch = step // steps_per_epoch
-    writer.write_scalars(step, {'model': 'untrained' if step == 0 else 'trained', 'epoch': epoch, **m})
-    improved = m['mAP'] > best['mAP']   # the same on every process: validation runs whole on each
-    if improved:
-      best = {'step': step, 'epoch': epoch, 'mAP': m['mAP']}
-      _save_best(workdir, params, model_config, best)
-    print(f'step {step:>6} epoch {epoch:>4}  val mAP@all={m["mAP"]:.4f}' + (' (best)' if improved else '')
-          + f'  ({m["eval_seconds"]:.1f}s)', flush=True)
-
-  if start == 0:
-    validate(0)
-  print(f'{len(train_ids)} training videos, {steps_per_epoch} steps of {config.batch_size} tuples per epoch, '
-        f'{config.epochs} epochs = {total} steps on {jax.device_count()} device(s)', flush=True)
-  pending, last, t_log, s_log = [], {}, time.time(), start
-  step = start
+  loop = train_loop.Loop(workdir, keep_checkpoints=config.keep_checkpoints, data_iter=data_iter,
+                         model_config=model_config.to_dict())
   try:
-    while step < total:
-      batch = step_lib.put_batch(next(data_iter), mesh, config)
-      state, metrics = train_fn(state, batch)
-      pending.append(metrics)
-      step += 1
-      at_epoch = step % steps_per_epoch == 0
-      at_log = step % config.log_every == 0 or at_epoch
-      stopping = (at_log or jax.process_count() == 1) and stop.requested()
-      at_ckpt = at_epoch or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0)
-      if at_log or at_ckpt:   # never log or checkpoint past a non-finite step
-        bad = int(jax.device_get(state['nonfinite_step']))
-        if bad != step_lib.NO_STEP:
-          raise TrainingError(f'non-finite loss or gradient at step {bad}; the last checkpoint before it is '
-                              f'kept in {workdir}/ckpt (lower config.lr or check the features)')
-      if at_log or stopping:
-        host = jax.device_get(pending)
-        last = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'tuples'}
-        now = time.time()
-        rate = (step - s_log) / max(now - t_log, 1e-9)
-        last.update({'epoch': step / steps_per_epoch, 'lr': config.lr, 'steps_per_second': rate,
-                     'tuples_per_second': sum(float(m['tuples']) for m in host) / max(now - t_log, 1e-9),
-                     'eta_minutes': (total - step) / max(rate, 1e-9) / 60})
-        writer.write_scalars(step, last, stream='train')
-        print(f'step {step:>6}/{total} epoch {step / steps_per_epoch:6.2f}  loss={last["loss"]:.4f}  '
-              f'L_V={last["loss/L_V"]:.4f}  |g|={last["grad_norm"]:.3f}  {rate:.2f} steps/s  '
-              f'ETA {last["eta_minutes"]:.1f} min', flush=True)
-        pending, t_log, s_log = [], now, step
-      if at_ckpt:
-        checkpoint.save_train(mngr, step, state, data_iter, force=True)
-      if (at_epoch and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total:
-        validate(step)
-        t_log = time.time()   # keep validation time out of steps/s
-      if stopping:
-        print(f'stopped by {stop.signal_name} at step {step}; checkpoint saved in {workdir}/ckpt; rerun the '
-              'same command to resume', flush=True)
-        break
+    start, state, resumed = loop.restore_or_init(
+        step_lib.abstract_state(model_config, config, mesh),
+        lambda: jax.device_put(step_lib.init_state(_initial_params(config, model_config), config),
+                               mesh_lib.replicated(mesh)))
+    plan = (f'{len(train_ids)} training videos, {steps_per_epoch} steps of {config.batch_size} tuples per epoch, '
+            f'{config.epochs} epochs = {total} steps on {jax.device_count()} device(s)')
+    if resumed:
+      print(f'resumed from step {start} (epoch {start // steps_per_epoch}) in {workdir}\n{plan}', flush=True)
+    train_fn = step_lib.make_train_step(model_config, config, mesh, train=config.train_dropout)
+    best = _best_until(workdir, start) if resumed else {'mAP': -1.0}
+
+    def summarize(step, host, seconds):
+      row = train_loop.mean_metrics(host, skip=('tuples',))
+      rate = len(host) / max(seconds, 1e-9)
+      row.update({'epoch': step / steps_per_epoch, 'lr': config.lr, 'steps_per_second': rate,
+                  'tuples_per_second': sum(float(m['tuples']) for m in host) / max(seconds, 1e-9),
+                  'eta_minutes': (total - step) / max(rate, 1e-9) / 60})
+      return row, (f'step {step:>6}/{total} epoch {step / steps_per_epoch:6.2f}  loss={row["loss"]:.4f}  '
+                   f'L_V={row["loss/L_V"]:.4f}  |g|={row["grad_norm"]:.3f}  {rate:.2f} steps/s  '
+                   f'ETA {row["eta_minutes"]:.1f} min')
+
+    def validate(step, params):
+      nonlocal best
+      m = validator(params)
+      epoch = step // steps_per_epoch
+      loop.writer.write_scalars(step, {'model': 'untrained' if step == 0 else 'trained', 'epoch': epoch, **m})
+      improved = m['mAP'] > best['mAP']   # the same on every process: validation runs whole on each
+      if improved:
+        best = {'step': step, 'epoch': epoch, 'mAP': m['mAP']}
+        _save_best(workdir, params, model_config, best)
+      print(f'step {step:>6} epoch {epoch:>4}  val mAP@all={m["mAP"]:.4f}' + (' (best)' if improved else '')
+            + f'  ({m["eval_seconds"]:.1f}s)', flush=True)
+      if step == 0:
+        print(plan, flush=True)
+
+    at_epoch = lambda s: s % steps_per_epoch == 0
+    schedule = train_loop.Schedule(
+        total, log=lambda s: train_loop.itstime(s, config.log_every) or at_epoch(s),
+        checkpoint=lambda s: at_epoch(s) or train_loop.itstime(s, config.checkpoint_every),
+        evaluate=lambda s: (at_epoch(s) and train_loop.itstime(s // steps_per_epoch, config.eval_every_epochs))
+        or s == total)
+    step, last = loop.run(state, start, schedule, train_fn=train_fn,
+                          next_batch=lambda: step_lib.put_batch(next(data_iter), mesh, config),
+                          summarize=summarize, evaluate=validate,
+                          nonfinite_hint='lower config.lr or check the features')
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-    stop.restore()
+    loop.close()
     features.close()
     if hasattr(data_iter, 'close'):
       data_iter.close()

@@ -9,6 +9,10 @@ Layout of a checkpoint directory (a training workdir or a converter's output):
 Orbax writes each step to a temporary directory and renames it on commit, so a killed save never leaves a
 step that looks complete. Restores go into abstract trees carrying the *current* shardings, which is how a
 checkpoint written on one device count is restored onto another.
+
+A step that does not read back (its files damaged after the commit) is a CheckpointError naming the
+directory, the step and what is wrong; training falls back to the newest step that does read back, with a
+warning, and moves the damaged one aside to `ckpt/<step>.corrupt` (a name Orbax does not take for a step).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from common_jax import io_util
 
@@ -31,10 +36,12 @@ class CheckpointError(ValueError):
 
 
 def manager(directory: str, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1,
-            item_names=('state',), async_save: bool = False) -> ocp.CheckpointManager:
+            item_names=('state',), async_save: bool = False, writer: bool = False) -> ocp.CheckpointManager:
+  """The Orbax manager of DIR/ckpt; the folder appears with the first save. `writer` (the one training run
+  that owns the directory) also removes the temporary folders of saves that a kill interrupted."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
-      enable_async_checkpointing=async_save)
+      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=False,
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=writer)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(directory), CKPT_SUBDIR),
                                item_names=item_names, options=options)
 
@@ -83,19 +90,26 @@ def load_params(directory: str, step: Optional[int] = None):
   if not os.path.isdir(os.path.join(directory, CKPT_SUBDIR)):
     raise CheckpointError(f'{directory}: no {CKPT_SUBDIR}/ folder with Orbax steps')
   mngr = manager(directory)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f'{directory}: {CKPT_SUBDIR}/ holds no completed checkpoint step')
-  # Restored without a target: the arrays land on the default device and are moved to the host here;
-  # evaluation places the (small) parameter tree on its own mesh afterwards.
-  # A checkpoint written by several processes names devices this process does not have: such arrays land on
-  # this process's first device instead (the fallback), whatever topology wrote them.
-  fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  state = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(fallback_sharding=fallback)))['state']
-  state = jax.tree.map(np.asarray, state)
-  mngr.close()
-  if 'params' not in state:
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'{directory}: {CKPT_SUBDIR}/ holds no completed checkpoint step')
+    if step not in mngr.all_steps():
+      raise CheckpointError(f'{directory}: {CKPT_SUBDIR}/ has no step {step} (steps: {mngr.all_steps()})')
+    # Restored without a target: the arrays land on the default device and are moved to the host here;
+    # evaluation places the (small) parameter tree on its own mesh afterwards.
+    # A checkpoint written by several processes names devices this process does not have: such arrays land
+    # on this process's first device instead (the fallback), whatever topology wrote them.
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+      state = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(fallback_sharding=fallback)))['state']
+      state = jax.tree.map(np.asarray, state)
+    except Exception as e:   # Orbax and TensorStore raise many kinds; all mean the same to the user
+      raise CheckpointError(f'{directory}: checkpoint step {step} cannot be read ({_reason(e)})') from e
+  finally:
+    mngr.close()
+  if not isinstance(state, dict) or 'params' not in state:
     raise CheckpointError(f'{directory}: checkpoint step {step} has no params entry')
   return state['params'], model_config
 
@@ -109,16 +123,68 @@ def save_train(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator
   return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-def restore_train(mngr: ocp.CheckpointManager, abstract_state: Any, data_iterator=None, step=None):
-  """(step, state) restored into `abstract_state` (ShapeDtypeStructs carrying the current shardings, so the
-  checkpoint lands on this run's mesh whatever the device count it was written on); the data iterator, if
-  given, is moved to the saved position in place. (None, None) when there is no checkpoint."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None, None
-  args = {'state': ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    import grain
-    args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = mngr.restore(step, args=ocp.args.Composite(**args))
-  return step, restored['state']
+def _reason(error: BaseException) -> str:
+  """What is wrong, in one line: the first line of the error, without TensorStore's spec dump."""
+  text = str(error).strip().split('\n', 1)[0].split(' [tensorstore_spec', 1)[0]
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= 400 else text[:400] + '...'
+
+
+def _any_process(flag: bool) -> bool:
+  """`flag` agreed on by every process (True if it is True on any): all then take the same branch."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Renames a damaged step to `<step>.corrupt` (numbered if taken), so a later save of that step number
+  does not collide with it; returns the new path."""
+  from common_jax import distributed
+  root = str(mngr.directory)
+  target = os.path.join(root, f'{step}.corrupt')
+  k = 1
+  while os.path.exists(target):
+    target, k = os.path.join(root, f'{step}.corrupt.{k}'), k + 1
+  distributed.barrier(f'checkpoint: before moving step {step} aside')
+  if jax.process_index() == 0:
+    os.replace(os.path.join(root, str(step)), target)
+  distributed.barrier(f'checkpoint: step {step} moved aside')
+  return target
+
+
+def restore_train(mngr: ocp.CheckpointManager, abstract_state: Any, data_iterator=None):
+  """(step, state) of the newest checkpoint that reads back, restored into `abstract_state` (ShapeDtypeStructs
+  carrying the current shardings, so the checkpoint lands on this run's mesh whatever the device count it was
+  written on); the data iterator, if given, is moved to that step's position in place. (None, None) when
+  there is no checkpoint.
+
+  Newer steps that fail to read back are damaged: each is named in a warning and moved aside. When no step
+  reads back, nothing is moved (the cause is more likely this run than the files: another model config, say)
+  and a CheckpointError names the newest step and what is wrong."""
+  failed = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    args = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      import grain
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    error, restored = None, None
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:   # Orbax, TensorStore and Grain raise many kinds for damaged files
+      error = e
+    if not _any_process(error is not None):
+      for bad, reason in failed:
+        moved = _move_aside(mngr, bad)
+        logging.warning('checkpoint step %d in %s cannot be read (%s); moved to %s, resuming from step %d',
+                        bad, mngr.directory, reason, moved, step)
+      if failed:
+        mngr.reload()
+      return step, restored['state']
+    failed.append((step, _reason(error) if error is not None else 'unreadable on another process'))
+  if failed:
+    step, reason = failed[0]
+    older = f'; the older steps {[s for s, _ in failed[1:]]} fail too' if len(failed) > 1 else ''
+    raise CheckpointError(f'{mngr.directory}: checkpoint step {step} cannot be restored ({reason}){older}')
+  return None, None

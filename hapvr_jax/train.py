@@ -11,8 +11,10 @@ and draws WORKDIR/plots/ (mAP against the step; the frame-similarity map and com
 training pair).
 
 Rerunning the same command resumes from the latest checkpoint: same parameters, optimizer moments, step and
-the exact next batch, on any device count. WORKDIR/model_config.json makes the workdir a checkpoint
-directory that `hapvr_jax.evaluate --config.checkpoint=WORKDIR` reads.
+the exact next batch, on any device count; the loop itself (its order, which makes a kill lose nothing, and
+the log rewind on resume) is common_jax.train_loop. WORKDIR/model_config.json, written with the first
+checkpoint, makes the workdir a checkpoint directory that `hapvr_jax.evaluate --config.checkpoint=WORKDIR`
+reads.
 """
 from __future__ import annotations
 
@@ -23,23 +25,21 @@ import jax
 import numpy as np
 from absl import logging
 
-from common_jax import checkpoint
 from common_jax import cli
 from common_jax import distributed
 from common_jax import mesh as mesh_lib
-from common_jax import metric_writer
-from common_jax import preemption
+from common_jax import train_loop
 from hapvr_jax import model as model_lib
 from hapvr_jax import train_plots
 from hapvr_jax import train_step as step_lib
 
 
-class TrainingError(RuntimeError):
-  pass
+TrainingError = train_loop.TrainingError
 
 
 class Evaluator:
-  """FIVR-style evaluation of the current parameters; the engine (and its compilations) is built once."""
+  """FIVR-style evaluation of the current parameters (a train_loop.Evaluator; `baseline=True` scores the raw
+  features instead); the engine (and its compilations) is built once."""
 
   def __init__(self, eval_config, model_config, mesh):
     from hapvr_jax import benchmarks, engine as engine_lib, features as features_lib
@@ -101,7 +101,6 @@ def _open_data(config, model_config):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the last logged metrics."""
-  os.makedirs(workdir, exist_ok=True)
   cli.enable_compilation_cache(config.compilation_cache)
   if config.demo.enabled:
     _prepare_demo(config, workdir)
@@ -113,89 +112,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # between them and combines the scores), never on the global training mesh.
   eval_mesh = mesh if jax.process_count() == 1 else mesh_lib.make_mesh(devices=jax.local_devices())
   evaluator = Evaluator(config.eval, model_config, eval_mesh) if config.eval.features else None
-
-  mngr = checkpoint.manager(workdir, max_to_keep=config.keep_checkpoints, item_names=('state', 'data'))
-  abstract = step_lib.abstract_state(model_config, config, mesh)
-  start, state = checkpoint.restore_train(mngr, abstract, data_iter)
-  if state is None:
-    start = 0
-    state = jax.device_put(step_lib.init_state(model_config, config, config.seed), mesh_lib.replicated(mesh))
-    checkpoint.write_model_config(workdir, model_config.to_dict())
-    logging.info('starting from scratch in %s', workdir)
-  else:
-    logging.info('resumed from step %d in %s', start, workdir)
-  train_fn = step_lib.make_train_step(model_config, config, mesh)
-  writer = metric_writer.MetricWriter(workdir, 'metrics')
-  stop = preemption.StopSignal()
-
-  net = model_lib.SimilarityNetwork(model_config)
-  pair_maps = jax.jit(lambda p, x: _pair_maps(net, p, x))   # host inputs: runs on this process's device
-  last_batch = {}
-
-  def evaluate(step, state):
-    if evaluator is None:
-      return
-    params = jax.device_get(state['params'])
-    runs = [('raw-feature Chamfer baseline', True)] if step == 0 else []
-    for name, baseline in runs + [('untrained' if step == 0 else 'trained', False)]:
-      m = evaluator(params, baseline=baseline)
-      writer.write_scalars(step, {'model': name, **m})
-      print(f'step {step:>6}  eval {name:<30} mAP={m["mAP"]:.4f}  ({m["eval_seconds"]:.1f}s)', flush=True)
-    if writer.is_writer:
-      train_plots.plot_map_curve(writer.path, os.path.join(workdir, 'plots', 'map.png'))
-      if last_batch:
-        regions = np.asarray(last_batch['regions'][0], np.float32)   # group 0: weak clip 0, its strong view
-        f2f, out = jax.device_get(pair_maps(params, regions[np.array([0, regions.shape[0] // 2])]))
-        train_plots.plot_similarity(f2f, out, os.path.join(workdir, 'plots', f'similarity_{step:06d}.png'),
-                                    f'step {step}: weak clip vs its strong view')
-
-  if start == 0:
-    evaluate(0, state)
-  total = config.total_steps
-  pending, last, t_log, s_log, t_start = [], {}, time.time(), start, time.time()
-  step = start
+  total, t_start = config.total_steps, time.time()
+  loop = train_loop.Loop(workdir, keep_checkpoints=config.keep_checkpoints, data_iter=data_iter,
+                         model_config=model_config.to_dict())
   try:
-    while step < total:
-      host_batch = next(data_iter)
-      batch = step_lib.put_batch(host_batch, mesh, config)
-      state, metrics = train_fn(state, batch)
-      pending.append(metrics)
-      step += 1
-      at_log = step % config.log_every == 0 or step == total
-      # one process: stop at once; several: agree at a log step, which every process reaches
-      stopping = (at_log or jax.process_count() == 1) and stop.requested()
-      at_ckpt = step % config.checkpoint_every == 0 or step == total or stopping
-      if at_log or at_ckpt:   # never log or checkpoint past a non-finite step
-        bad = int(jax.device_get(state['nonfinite_step']))
-        if bad != step_lib.NO_STEP:
-          raise TrainingError(f'non-finite loss or gradient at step {bad}; the last checkpoint before it is '
-                              f'kept in {workdir}/ckpt (lower the learning rate or check the data)')
-      if at_log or stopping:
-        host = jax.device_get(pending)
-        last = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        now = time.time()
-        rate = (step - s_log) / max(now - t_log, 1e-9)
-        last.update({'steps_per_second': rate, 'clips_per_second': rate * config.data.groups * 2 *
-                     config.data.sources_per_group, 'eta_minutes': (total - step) / max(rate, 1e-9) / 60})
-        writer.write_scalars(step, last, stream='train')
-        print(f'step {step:>6}/{total}  loss={last["loss"]:.4f}  lr={last["lr"]:.2e}  '
-              f'|g|={last["grad_norm"]:.3f}  {rate:.2f} steps/s  ETA {last["eta_minutes"]:.1f} min', flush=True)
-        pending, t_log, s_log = [], now, step
-      if at_ckpt:
-        checkpoint.save_train(mngr, step, state, data_iter, force=True)
-      if config.eval_every and (step % config.eval_every == 0 or step == total):
-        last_batch['regions'] = host_batch['regions']
-        evaluate(step, state)
-        t_log = time.time()   # keep evaluation time out of steps/s
-      if stopping:
-        print(f'stopped by {stop.signal_name} at step {step}; checkpoint saved in {workdir}/ckpt; rerun the '
-              'same command to resume', flush=True)
-        break
+    start, state, resumed = loop.restore_or_init(
+        step_lib.abstract_state(model_config, config, mesh),
+        lambda: jax.device_put(step_lib.init_state(model_config, config, config.seed), mesh_lib.replicated(mesh)))
+    logging.info('%s in %s', f'resumed from step {start}' if resumed else 'starting from scratch', workdir)
+    train_fn = step_lib.make_train_step(model_config, config, mesh)
+    net = model_lib.SimilarityNetwork(model_config)
+    pair_maps = jax.jit(lambda p, x: _pair_maps(net, p, x))   # host inputs: runs on this process's device
+    last_batch = {}
+
+    def next_batch():
+      last_batch.update(next(data_iter))
+      return step_lib.put_batch(last_batch, mesh, config)
+
+    def summarize(step, host, seconds):
+      row = train_loop.mean_metrics(host)
+      rate = len(host) / max(seconds, 1e-9)
+      row.update({'steps_per_second': rate, 'clips_per_second': rate * config.data.groups * 2 *
+                  config.data.sources_per_group, 'eta_minutes': (total - step) / max(rate, 1e-9) / 60})
+      return row, (f'step {step:>6}/{total}  loss={row["loss"]:.4f}  lr={row["lr"]:.2e}  |g|={row["grad_norm"]:.3f}'
+                   f'  {rate:.2f} steps/s  ETA {row["eta_minutes"]:.1f} min')
+
+    def evaluate(step, params):
+      runs = [('raw-feature Chamfer baseline', True)] if step == 0 else []
+      for name, baseline in runs + [('untrained' if step == 0 else 'trained', False)]:
+        m = evaluator(params, baseline=baseline)
+        loop.writer.write_scalars(step, {'model': name, **m})
+        print(f'step {step:>6}  eval {name:<30} mAP={m["mAP"]:.4f}  ({m["eval_seconds"]:.1f}s)', flush=True)
+      if loop.writer.is_writer:
+        train_plots.plot_map_curve(loop.writer.path, os.path.join(workdir, 'plots', 'map.png'))
+        if step > 0:   # the batch of this step: group 0, weak clip 0 and its strong view
+          regions = np.asarray(last_batch['regions'][0], np.float32)
+          f2f, out = jax.device_get(pair_maps(params, regions[np.array([0, regions.shape[0] // 2])]))
+          train_plots.plot_similarity(f2f, out, os.path.join(workdir, 'plots', f'similarity_{step:06d}.png'),
+                                      f'step {step}: weak clip vs its strong view')
+
+    schedule = train_loop.Schedule(
+        total, log=lambda s: train_loop.itstime(s, config.log_every, total),
+        checkpoint=lambda s: train_loop.itstime(s, config.checkpoint_every, total),
+        evaluate=lambda s: config.eval_every > 0 and train_loop.itstime(s, config.eval_every, total))
+    step, last = loop.run(state, start, schedule, train_fn=train_fn, next_batch=next_batch, summarize=summarize,
+                          evaluate=evaluate if evaluator is not None else None,
+                          nonfinite_hint='lower the learning rate or check the data')
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-    stop.restore()
+    loop.close()
     if hasattr(data_iter, 'close'):
       data_iter.close()
   logging.info('done at step %d in %.1f s', step, time.time() - t_start)
