@@ -82,18 +82,22 @@ def clear_errors(path: str | None = None):
   handler, quiet, hook = logging.get_absl_handler(), _QuietFileSystemErrors(), sys.unraisablehook
   handler.addFilter(quiet)
   sys.unraisablehook = _quiet_unraisable(hook)
+  exiting_on_fs_error = False
   try:
     yield
   except Exception as e:   # anything not named below is re-raised with its traceback
     message = file_system_error(e, path)
     if message is not None:
+      # the filters stay: asyncio logs the same failed futures again when they are collected at exit
+      exiting_on_fs_error = True
       fail(message)
     if isinstance(e, (ValueError, FileNotFoundError, IsADirectoryError, PermissionError)):
       fail(str(e))
     raise
   finally:
-    handler.removeFilter(quiet)
-    sys.unraisablehook = hook
+    if not exiting_on_fs_error:
+      handler.removeFilter(quiet)
+      sys.unraisablehook = hook
 
 
 def check_workdir(workdir: str) -> None:

@@ -51,10 +51,20 @@ def write_fivr_files(directory, features, queries, database, annotation, easy) -
   os.replace(tmp, path)
   split = {'queries': list(queries), 'database': set(database)}
   io_util.write_pickle(os.path.join(directory, 'fivr_audio.pickle'),
-                       {'5k': split, '200k': split, 'annotation': annotation})
+                       _plain({'5k': split, '200k': split, 'annotation': annotation}))
   with io_util.atomic_open(os.path.join(directory, 'fivr_easy_duplicates.txt')) as f:
     f.write(''.join(f'{d}\n' for d in sorted(easy)))
   return path
+
+
+def _plain(obj):
+  """Python builtins only (NumPy strings and numbers as str/int/float): annotation pickles are read back
+  with an unpickler that refuses every other type."""
+  if isinstance(obj, dict):
+    return {_plain(k): _plain(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple, set)):
+    return type(obj)(_plain(v) for v in obj)
+  return obj.item() if isinstance(obj, np.generic) else obj
 
 
 class _Maker:
