@@ -10,7 +10,8 @@ not in the weights: --num_heads, default hidden/64). The unused `*.word_embeddin
 `Audio_project.*` must be present but are dropped; `*.embeddings.position_ids` (older transformers) is
 ignored. Missing, unexpected and mis-shaped keys are listed together in one error.
 
-BERT initialisation (spec §2.2, the recommended decision): AE, IE and VE each get bert-base-uncased's
+BERT initialisation (the original loads encoder weights that it does not ship; bert-base-uncased is the
+likely source): AE, IE and VE each get bert-base-uncased's
 embeddings (position, token type, LayerNorm), layer 0 and pooler; a `bert.` prefix and the legacy
 LayerNorm names gamma/beta are accepted; later layers and the MLM head are ignored. The other layers get
 PyTorch's default Linear init (seeded by --seed).

@@ -10,7 +10,7 @@ Nothing here is real data. The corpus is built so that the task needs what AVHas
   the untrained network, mostly retrieve videos of the same style rather than the same class;
 * each of the 25 tokens is the video's vector plus independent per-token noise.
 
-Written files (FCVID conventions, spec §1): `image.h5`, `audio.h5` (a group per video id holding float32
+Written files (FCVID conventions): `image.h5`, `audio.h5` (a group per video id holding float32
 `vectors [25, dim]`), and `train.txt`, `val.txt`, `test.txt` (`video_id,label` lines, 1-based labels).
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
-r"""Evaluate an AVHash checkpoint: sign codes for queries and database, Hamming ranking, mAP/P/R (spec §5).
+r"""Evaluate an AVHash checkpoint: sign codes for queries and database, Hamming ranking, mAP/P/R.
 
   python -m avhash_jax.evaluate --config=configs/fcvid.py --workdir=OUT --config.checkpoint=DIR \
       --config.image_h5=IMG.h5 --config.audio_h5=AUD.h5 --config.test_list=T --config.retrieval_list=R
 
 Features come from the two HDF5 files, or from ArrayRecord shards of both (`--config.shards=DIR`, written by
-`python -m input_pipeline.make_av_shards`).
+`python -m input_pipeline.avhash.make_shards`).
 
 Queries = test list, database = retrieval list (the original's test.py); with `config.all_vs_all` the
 retrieval list is both (FCVID's SSVH protocol; each query is then its own first hit and counts, as there).
@@ -13,7 +13,8 @@ Codes: a jitted deterministic forward (dropout off) in fixed batches of `eval_ba
 batch is zero-padded, so every call has the same static shape and compiles once), batches sharded over the
 mesh's 'data' axis; code = +1 where h >= 0 else -1 (int8; torch.sign's 0 for an exactly zero output is mapped
 to +1, see avhash_jax.ranking). Ranking: Hamming distance, ties in database (list) order — a stable sort on
-(distance, database index), decision 6. Metrics: avhash_jax.metrics (mAP@K AVHash-style ÷R_K and the SSVH
+(distance, database index), reproducible where the original's unstable argsort is not.
+Metrics: avhash_jax.metrics (mAP@K AVHash-style ÷R_K and the SSVH
 variant ÷K as `mAP@K_ssvh`, mAP@all, P@K, R@K, PR curve).
 
 Outputs (each written to a temporary name and renamed; an earlier run's outputs are removed first, so a
@@ -156,7 +157,8 @@ def _check_config(config) -> str:
 def evaluate(config, workdir: str, mesh=None) -> dict:
   """Runs the whole evaluation and writes OUT/{metrics.json, codes.h5, pr_curve.png}; returns the metrics."""
   import jax
-  from avhash_jax import data_lists, metrics as metrics_lib
+  from avhash_jax import metrics as metrics_lib
+  from input_pipeline.avhash import lists as data_lists
   from common_jax import mesh as mesh_lib
 
   fmt = _check_config(config)
@@ -175,7 +177,7 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
       raise data_lists.ListError(f'{path}: label {int(labels.max()) + 1 - (fmt == "activitynet")} exceeds '
                                  f'config.num_classes={config.num_classes}')
   model_config, params = load_model(config)
-  from input_pipeline import av_shards
+  from input_pipeline.avhash import shards as av_shards
   features = av_shards.open_features(config.image_h5, config.audio_h5, config.get('shards', ''),
                                      frames=model_config.tokens, dim=model_config.hidden_size)
   try:

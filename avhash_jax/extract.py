@@ -3,16 +3,17 @@ r"""AVHash features from video files: 25 CLIP frame embeddings and 25 AST audio-
   python -m avhash_jax.extract --clip=ckpt/clip_vitl14 --ast=ckpt/ast --video_dir=fcvid/videos \
       --image_output=fcvid_clip.h5 --audio_output=fcvid_ast.h5
 
-Frames (spec §7.1, decision 8): 25 timestamps t_k = (k + 0.5)·T/25, each the last frame at or before t_k;
+Frames: 25 timestamps t_k = (k + 0.5)·T/25 (the centres of 25 equal slices; the original does not publish
+its frame sampling), each the last frame at or before t_k;
 shorter side resized to 224 (bicubic) and centre-cropped, CLIP normalisation; stored: the unnormalised
-768-d `image_embeds`. Audio (§7.2, decisions 9-11): the track resampled to 16 kHz mono; 25 windows of
+768-d `image_embeds`. Audio: the track resampled to 16 kHz mono; 25 windows of
 `--audio_window` seconds centred on the same timestamps, clipped to the track (or `--audio_segments=chunks`:
 25 equal consecutive chunks); each window -> Kaldi fbank (128 bins), padded/truncated to 1024 frames,
 normalised; AST pooled output (mean of CLS and distillation tokens). A video without an audio track gets zero
 vectors (`--no_audio=zeros`, the default, counted in the summary) or is recorded as a failure (`fail`).
 
 The two files have one group per video id holding a dataset `vectors`, float32 [25, 768]: the original's
-layout, which `avhash_jax.evaluate`, training and `input_pipeline.make_av_shards` read. Resumable, never
+layout, which `avhash_jax.evaluate`, training and `input_pipeline.avhash.make_shards` read. Resumable, never
 half-written at the final names, `--num_shards/--shard_index` for several hosts, failures in
 `<image_output>.failures.jsonl`, the settings recorded and a resume with other ones refused, a full disk one
 error line (see hapvr_jax.extract).
@@ -26,7 +27,9 @@ from absl import flags
 
 from backbones import fbank, registry
 from common_jax import cli
-from input_pipeline import extraction, feature_writer, video_io
+from extraction import runner as extraction
+from extraction import feature_writer
+from extraction import video_io
 
 SEGMENTS = 25
 

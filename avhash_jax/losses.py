@@ -1,7 +1,7 @@
-"""The AVHash training loss (spec §3): five "paired" InfoNCE terms over (anchor, positive, negatives) tuples.
+"""The AVHash training loss: five "paired" InfoNCE terms over (anchor, positive, negatives) tuples.
 
 Each training tuple is an anchor video, one positive (another video of the anchor's class) and M = 4 negatives
-(one video from each of 4 distinct other classes; `avhash_jax.sampling`). The model is run on the B anchors, the
+(one video from each of 4 distinct other classes; `input_pipeline.avhash.sampling`). The model is run on the B anchors, the
 B positives and the B·M negatives, giving for each set the audio and image pooler outputs p_A, p_I and the
 continuous hash output h = tanh(·) (`AVHash.__call__` returns exactly `(p_A, p_I, h)`).
 
@@ -13,7 +13,7 @@ temperature τ = 0.1, mean over the N anchors:
   ℓ(q, k, m) = −(1/N) Σ_n log softmax(z_n)[0]
 
 There are no in-batch negatives and no symmetric term: each anchor only sees its own positive and its own M
-negatives. The five terms and the total (spec §3; the anchor's modality is the query, the other sets' modality
+negatives. The five terms and the total (the anchor's modality is the query, the other sets' modality
 the keys):
 
   L_AA = ℓ(p_A^anc, p_A^pos, p_A^neg)      L_II = ℓ(p_I^anc, p_I^pos, p_I^neg)

@@ -1,4 +1,4 @@
-r"""AVHash training (spec §3-4): the command-line entry point.
+r"""AVHash training: the command-line entry point.
 
   python -m avhash_jax.main --config=configs/fcvid.py --workdir=runs/fcvid64 \
       --config.image_h5=/data/fcvid_vit_train.h5 --config.audio_h5=/data/AST_fcvid_5s.h5 \

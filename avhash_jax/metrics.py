@@ -1,6 +1,6 @@
 """Retrieval metrics of AVHash's test script: mAP@K in two normalisations, P@K, R@K and the PR curve.
 
-Definitions (spec §5.3-5.4), for one query whose ranked list has relevant items at 1-based ranks
+Definitions, for one query whose ranked list has relevant items at 1-based ranks
 ``pos_1 < ... < pos_{R_K}`` among the first K, with ``S_K = sum_j j / pos_j`` (sum of precision at each hit):
 
 * ``mAP@K``        AVHash-style, what the original's ``mean_average_precision`` computes: ``AP = S_K / R_K``

@@ -1,6 +1,6 @@
-"""The AVHash audio-visual hashing network (class `MMVH` of iFamilyi/AVHash) in Flax Linen (spec §2).
+"""The AVHash audio-visual hashing network (class `MMVH` of iFamilyi/AVHash) in Flax Linen.
 
-Forward (spec §2.6; the argument order is the original's, *image first*):
+Forward (the argument order is the original's, *image first*):
 
   p_A, H_A = AE(X_A);  p_I, H_I = IE(X_I)           three 1-layer BERT encoders over [cls ; tokens]
   Â = H_A[:, 1:] + X_A;  Î = H_I[:, 1:] + X_I        residual with the raw input features
@@ -10,7 +10,7 @@ Forward (spec §2.6; the argument order is the original's, *image first*):
   h = tanh(hash(p_V))                                 continuous code in (-1, 1)^bits; codes = sign(h)
 
 `__call__(image, audio)` returns (p_A, p_I, h): the two pooled encoder outputs and the hash output, which
-is everything the contrastive loss of spec §3 uses.
+is everything the contrastive loss uses.
 
 The CLS vector (`cls.pt`: bert-base-uncased's [CLS] word embedding) is a *frozen* constant in the original,
 outside the state_dict. Here it is the parameter `cls_token [hidden]` so that a converted checkpoint is
@@ -48,7 +48,7 @@ BITS = (16, 32, 64, 128)
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(config_util.JsonConfig):
-  """Architecture; the encoder fields are those of the original's BertConfig/config.json (spec §2.1)."""
+  """Architecture; the encoder fields are those of the original's BertConfig/config.json."""
   hidden_size: int = 768
   num_attention_heads: int = 12
   intermediate_size: int = 3072
@@ -202,7 +202,7 @@ class EncoderModel(_Ctx):
 
 class CrossAttention(_Ctx):
   """`AqI`/`IqA`: queries from x, keys/values from y (no bias), softmax(q k^T / sqrt(d)), output dense
-  with bias. No mask, dropout, residual or LayerNorm (spec §2.5)."""
+  with bias. No mask, dropout, residual or LayerNorm, as in the original."""
 
   @nn.compact
   def __call__(self, x, y):

@@ -1,13 +1,13 @@
 """Hamming ranking of binary hash codes: bit packing, XOR + popcount distances, chunked stable ranking.
 
-AVHash's evaluation (spec §5.2) ranks the database for each query by the Hamming distance between sign codes,
+AVHash's evaluation ranks the database for each query by the Hamming distance between sign codes,
 computed in the original as ``d(q, x) = (L - q.x) / 2`` and sorted with an unstable ``torch.argsort``. Here:
 
 * Codes are ±1 arrays ``[N, L]`` (``to_codes`` maps the tanh outputs; an exact 0, which the original's
-  ``torch.sign`` keeps as 0, becomes +1 — practically never reached, spec §8.8). ``pack`` stores bit ``+1 -> 1``
+  ``torch.sign`` keeps as 0, becomes +1 — practically never reached). ``pack`` stores bit ``+1 -> 1``
   with ``np.packbits`` (uint8 ``[N, ceil(L/8)]``, zero padding bits); ``hamming`` XORs the packed rows as uint64
   words (zero-padded to whole words, so the padding never counts) and sums ``np.bitwise_count``.
-* **Tie order (decision 6, §5.4):** database items at equal distance keep their database order, i.e. the ranking
+* **Tie order:** database items at equal distance keep their database order, i.e. the ranking
   is the stable sort on ``(distance, database index)``. Distances take only ``L + 1`` values, so ties are massive
   and the order matters; this one is reproducible on any device.
 * Full rankings: ``chunk`` queries at a time. With ``top_k``, one query at a time: its k-th smallest distance t

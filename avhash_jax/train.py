@@ -1,9 +1,9 @@
-"""AVHash supervised-contrastive training (spec §3–4): the loop, per-epoch validation, best checkpoint, test.
+"""AVHash supervised-contrastive training: the loop, per-epoch validation, best checkpoint, test.
 
   train_and_evaluate(config, workdir)
 
-* Data: the training list's videos are the anchors of each epoch (tuples from `avhash_jax.sampling`, read by
-  the Grain pipeline `input_pipeline.av_pipeline` from the HDF5 files or ArrayRecord shards).
+* Data: the training list's videos are the anchors of each epoch (tuples from `input_pipeline.avhash.sampling`, read by
+  the Grain pipeline `input_pipeline.avhash.pipeline` from the HDF5 files or ArrayRecord shards).
 * Step: `avhash_jax.train_step` (three dropout forwards, five InfoNCE terms, Adam eps 1e-3), data-parallel.
 * Validation at step 0 (the untrained network) and after every `eval_every_epochs` epochs: codes of the val
   list (queries) and of the retrieval list (database: the training set, as the original), Hamming ranking,
@@ -28,9 +28,8 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 
-from avhash_jax import data_lists
+from input_pipeline.avhash import lists as data_lists
 from avhash_jax import evaluate as evaluate_lib
 from avhash_jax import metrics as metrics_lib
 from avhash_jax import model as model_lib
@@ -110,7 +109,7 @@ def _read_lists(config):
 
 
 def _open_features(config, model_config):
-  from input_pipeline import av_shards
+  from input_pipeline.avhash import shards as av_shards
   if not config.shards:
     for key in ('image_h5', 'audio_h5'):
       if not config[key]:
@@ -163,7 +162,7 @@ def _best_until(workdir, step) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the best validation record and the test metrics."""
-  from input_pipeline import av_pipeline
+  from input_pipeline.avhash import pipeline as av_pipeline
   cli.enable_compilation_cache(config.compilation_cache)
   if config.demo.enabled:
     _prepare_demo(config, workdir)

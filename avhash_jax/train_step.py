@@ -1,6 +1,6 @@
-"""The AVHash train step (spec §3, §4.1): three dropout forwards, the five InfoNCE terms, Adam, sharded jit.
+"""The AVHash train step: three dropout forwards, the five InfoNCE terms, Adam, sharded jit.
 
-A batch holds B tuples (anchor, positive, n_neg negatives); `input_pipeline.av_pipeline` delivers
+A batch holds B tuples (anchor, positive, n_neg negatives); `input_pipeline.avhash.pipeline` delivers
 
   image   [B, 2 + n_neg, T, D]   CLIP frame features of the tuple's videos
   audio   [B, 2 + n_neg, T, D]   AST segment features

@@ -3,7 +3,7 @@
 `evaluation(config)` for `avhash_jax.evaluate` (and the trainer's final test), `training(config)` for
 `avhash_jax.main`. A bad size, period, count or rate raises `cli.UsageError` naming the field
 (`config.eval_every_epochs=0: must be a positive integer`). A new numeric field in the config needs a line
-here: tests/bad_config_test.py sets every numeric field to a bad value and expects it to be named.
+here: tests/common/config_check_test.py sets every numeric field to a bad value and expects it to be named.
 """
 from __future__ import annotations
 

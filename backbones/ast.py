@@ -1,10 +1,11 @@
-"""AST, the Audio Spectrogram Transformer (Gong et al.; AudioSet checkpoint), in Flax Linen (spec §7.2).
+"""AST, the Audio Spectrogram Transformer (Gong et al.; AudioSet checkpoint), in Flax Linen.
 
 Input: the normalised log-mel fbank of `backbones.fbank.ast_input`, [B, max_length (time), num_mel_bins].
 Like transformers' ASTModel it is transposed to (mel, time) and cut into 16x16 patches by a conv with
 frequency/time strides 10: at full size 12 x 101 = 1212 patches, ordered frequency-major (index f * 101 + t),
 after [CLS, distillation] -> 1214 tokens, plus learned position embeddings. Then pre-LN ViT blocks (eps 1e-12,
-exact GELU), a final LayerNorm, and the output (spec decision 9) is transformers' `pooler_output`
+exact GELU), a final LayerNorm, and the output (the model's own pooled vector: AVHash does not say which AST
+output it stored) is transformers' `pooler_output`
 (h[:, 0] + h[:, 1]) / 2: [B, hidden] (768).
 
 Parameter tree (mirrors the hub / transformers-4 names; TABLE below is the key-by-key mapping):

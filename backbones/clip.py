@@ -1,9 +1,11 @@
-"""CLIP ViT-L/14 vision tower + projection (AVHash's frame features, avhash.md §7.1) in Flax Linen, and its converter.
+"""CLIP ViT-L/14 vision tower + projection (AVHash's frame features) in Flax Linen, and its converter.
 
 Forward (OpenAI `VisionTransformer`, = transformers `CLIPVisionModelWithProjection`): 14x14 stride-14 patch conv
 without bias -> [class_embedding ; patches] + positional_embedding -> ln_pre -> 24 pre-LN residual blocks (LayerNorm
 eps 1e-5, quick GELU x * sigmoid(1.702 x), fused in_proj) -> ln_post on the CLS token -> @ proj [1024, 768].
-Output: `image_embeds` [B, 768], *not* L2-normalised (spec §7.1 decision). The position table is used at the stored
+Output: `image_embeds` [B, 768], *not* L2-normalised: AVHash feeds its input features to the model as they
+are (they are added back in a residual), so the stored vector is the raw projection. The position table is
+used at the stored
 grid only (224x224 at full size); other input sizes raise.
 
 `preprocess`: uint8 frames [..., 224, 224, 3] (already resized / centre-cropped) -> [0, 1] -> CLIP mean/std.

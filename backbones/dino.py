@@ -1,4 +1,4 @@
-"""DINO ViT-S/16 (HAP-VR's pseudo-label teacher, spec hapvr.md §3.4) in Flax Linen, and its checkpoint converter.
+"""DINO ViT-S/16 (HAP-VR's pseudo-label teacher) in Flax Linen, and its checkpoint converter.
 
 Forward (facebookresearch/dino `vision_transformer.py`, which is timm's layout): 16x16 stride-16 patch conv (with
 bias) -> [CLS ; patches] + pos_embed -> 12 pre-LN blocks (LayerNorm eps 1e-6, exact GELU, fused qkv with bias) ->
@@ -6,7 +6,7 @@ final LayerNorm -> the CLS token, 384-d. This is `get_intermediate_layers(x, n=1
 HAP-VR code takes. Position embeddings are used at the stored grid only (224x224 at full size); other input sizes
 raise (DINO would interpolate them bicubically; HAP-VR always feeds 224x224 frames).
 
-Input normalisation (spec decision 6): `Config.normalize` = 'none' (default) reproduces the original, which feeds the
+Input normalisation: `Config.normalize` = 'none' (default) reproduces the original, which feeds the
 uint8 pixel values in [0, 255] as floats, without /255 or mean/std; 'imagenet' is the proper normalisation
 (/255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)) for the ablation. `preprocess` applies it.
 

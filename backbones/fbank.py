@@ -1,4 +1,4 @@
-"""Kaldi-compatible log-mel filterbank features for AST (spec §7.2), in NumPy (reference) and JAX (batched, jit).
+"""Kaldi-compatible log-mel filterbank features for AST, in NumPy (reference) and JAX (batched, jit).
 
 The numbers are those of transformers' `ASTFeatureExtractor` (the model card's preprocessing), which equal
 `torchaudio.compliance.kaldi.fbank(wave, sample_frequency=16000, window_type='hanning', num_mel_bins=128)`;

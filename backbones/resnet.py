@@ -1,6 +1,6 @@
 """ResNet-50 L3-iRMAC frame descriptor (+ ViSiL PCA whitening) in Flax, converted from torchvision weights.
 
-The frozen HAP-VR / S2VS / DnS / ViSiL frame feature (spec hapvr.md §1.2): torchvision ResNet-50 (v1.5: stride on
+The frozen HAP-VR / S2VS / DnS / ViSiL frame feature: torchvision ResNet-50 (v1.5: stride on
 the 3x3 conv; eval-mode BatchNorm, eps 1e-5; fc and avgpool unused) with each of the four stage outputs max-pooled
 over a 3x3 grid of overlapping windows (kernel s = 28, 14, 6, 3, stride ceil(s/2), no padding: exactly 3x3 at
 224x224 input), L2-normalised per region, concatenated over stages (256+512+1024+2048 = 3840 channels), flattened

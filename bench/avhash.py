@@ -53,7 +53,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT  # noqa: E402
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
@@ -78,8 +78,8 @@ def analytic_step_flops(c, batch_size):
 def bench_train(a, out):
   import jax
   import torch
-  import avhash_torch_reference as ref
-  from avhash_loss_test import torch_avhash_loss
+  from tests.references import avhash_torch as ref
+  from tests.avhash.losses_test import torch_avhash_loss
   from avhash_jax import train_step as ts
   from avhash_jax import model as model_lib
   from avhash_jax.convert import convert_state_dict

@@ -19,8 +19,8 @@ Steps (everything of the original is IMPORTED from --original_repo, nothing is c
      dataset JSON (``fcvid.json``, same keys as its ``Json/fcvid.json``).
   2. The original model for the code length: ``model.MMVH(BertConfig, cls.pt, L)``. Its encoders call
      ``BertModel.from_pretrained(<config dir>)`` and the repository ships no weights, so WORKDIR/bert holds the
-     repository's BertConfig/config.json plus a seeded, randomly initialised 1-layer BertModel (the spec's
-     fallback init, §2.2). The original ``train.train_model`` then runs ``--train_anchors`` tuples (one
+     repository's BertConfig/config.json plus a seeded, randomly initialised 1-layer BertModel (BERT's own
+     random init). The original ``train.train_model`` then runs ``--train_anchors`` tuples (one
      "epoch" over a seeded random subset of the original ``dataset.TrainDataset``, pn=5 as run.py) with its
      InfoNCE loss and Adam(eps=1e-3), evaluates with test queries vs the retrieval set, and saves
      ``WORKDIR/ckpt/1_<L>.pth`` in its own format (``--train_anchors=0``: random init, saved in the same format).
@@ -43,7 +43,7 @@ Steps (everything of the original is IMPORTED from --original_repo, nothing is c
      ``orig``   the original eval.py functions on the original codes, as test.py calls them: database in the
                 order of its ``QRDataset`` (grouped by class in order of first appearance), ``torch.argsort``;
      ``tiefix`` the same functions on the original codes with the database in list order and ``torch.argsort``
-                forced stable, i.e. under our tie rule (decision 6: stable on (distance, database index));
+                forced stable, i.e. under our tie rule (stable on (distance, database index));
      ``cross``  the same functions on OUR codes in list order, stable: must equal our metrics to 1e-6;
      ``ties``   the spread of the stable functions over ``--tie_draws`` random database orders.
      torch's CPU ``argsort`` is stable only up to 16 elements (insertion sort); above that equal Hamming

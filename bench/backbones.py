@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT  # noqa: E402
 sys.path[:0] = [ROOT]
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
@@ -45,7 +45,10 @@ def bench_reference(arch, config, seed):
   """(torch fn on the preprocessed NHWC / fbank batch -> NumPy, state_dict in the checkpoint layout, converter
   extras): the full-size PyTorch module of backbones/<arch>_torch.py."""
   import torch
-  from backbones import ast_torch, clip_torch, dino_torch, resnet_torch
+  from tests.references import ast_torch
+  from tests.references import clip_torch
+  from tests.references import dino_torch
+  from tests.references import resnet_torch
   if arch == 'resnet50_irmac':
     module, sd = resnet_torch.build(config, seed=seed)
 

@@ -8,7 +8,7 @@ features) and `python -m avhash_jax.extract` on the video, and then:
 
   * reads the outputs the way the evaluators do (hapvr_jax.features.FeatureFile with 512 dims, AVHash's
     AVFeatures with [25, 768]) and encodes them with a random full-size AVHash model;
-  * recomputes every feature with the PyTorch module on the frames/audio decoded by input_pipeline.video_io and
+  * recomputes every feature with the PyTorch module on the frames/audio decoded by extraction.video_io and
     prints the relative error (float32 target 1e-4);
   * prints the wall time of each extraction (compilation included: one video) and the decode-only time.
 """
@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT  # noqa: E402
 sys.path[:0] = [ROOT]
 
 import numpy as np  # noqa: E402
@@ -41,7 +41,7 @@ def main(argv=None):
   a = parser.parse_args(argv)
   import torch
   from backbones import ast, clip, convert_backbone, fbank, resnet, registry
-  from input_pipeline import video_io
+  from extraction import video_io
   os.makedirs(a.workdir, exist_ok=True)
   refs, dirs = {}, {}
   for arch, mod in (('resnet50_irmac', resnet), ('clip_vitl14', clip), ('ast', ast)):
@@ -81,7 +81,7 @@ def main(argv=None):
   res['hapvr_rel_err'] = rel(x, refs['resnet50_irmac'](np.asarray(resnet.preprocess(frames, cfg))))
 
   from avhash_jax import evaluate, extract as ax, model
-  from avhash_jax.data_lists import AVFeatures
+  from input_pipeline.avhash.lists import AVFeatures
   img, aud = os.path.join(a.workdir, 'clip.h5'), os.path.join(a.workdir, 'ast.h5')
   for p in (img, aud, img + '.partial', aud + '.partial', img + '.done'):
     if os.path.exists(p):

@@ -18,7 +18,7 @@ AdamW with the original schedule.
 
 Printed: the median step time, steps/s and clips/s of both and their ratio, the JAX cold start (compilation),
 the first step's loss on both sides (a sanity check: same weights and batch), and the JAX step's useful FLOP
-rate from the analytic count of spec §7.1/§7.4 — frame-to-frame 2 R^2 D T^2 and the comparator CNN per clip
+rate from an analytic count — frame-to-frame 2 R^2 D T^2 and the comparator CNN per clip
 pair, plus the attention, times 3 for forward + backward — against a large matmul of the step's dtype and
 precision timed in the same run (the practical peak of the device).
 
@@ -37,7 +37,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT  # noqa: E402
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 # JAX and PyTorch share the GPU: JAX allocates on demand instead of reserving most of the memory up front.
@@ -80,7 +80,7 @@ def make_batch(groups, sources, frames, dims, teacher_dims, seed, viv_prob=0.3):
 
 # -------------------------------------------------------------------------------------------------- FLOPs
 def forward_flops(clips, frames, dims):
-  """Useful FLOPs of one loss group's training forward (spec §7.1): attention per region, then per ordered
+  """Useful FLOPs of one loss group's training forward: attention per region, then per ordered
   clip pair the f2f einsum (2 R^2 D per frame pair) and the comparator CNN at its actual map sizes."""
   t1, t2 = frames // 2, frames // 4
   cnn = 2 * 9 * (1 * 32 * frames * frames + 32 * 64 * t1 * t1 + 64 * 128 * t2 * t2) + 2 * 128 * t2 * t2
@@ -147,8 +147,8 @@ def main():
   import jax
   import jax.numpy as jnp
   import torch
-  import torch_reference as ref
-  import torch_train_reference as tref
+  from tests.references import hapvr_torch as ref
+  from tests.references import hapvr_train_torch as tref
   from common_jax import mesh as mesh_lib
   from configs import vcdb
   from hapvr_jax import train_step as ts

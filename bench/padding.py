@@ -13,10 +13,9 @@ The issue's target is under 15%. More buckets cost one compilation each.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT  # noqa: E402
 sys.path[:0] = [ROOT]
 
 import numpy as np  # noqa: E402
@@ -27,7 +26,7 @@ from hapvr_jax.features import FeatureFile, tiled_length  # noqa: E402
 
 def modelled_lengths(videos=225_960, median=71.0, sigma=0.8, min_len=8, seed=0):
   """FIVR-200K-like video lengths in frames (1 fps, lognormal), tiled to min_len as the engine reads them.
-  The defaults give a mean near 98 frames, about 22M frames in all: the spec's estimate (§7.2) from the
+  The defaults give a mean near 98 frames, about 22M frames in all: an estimate from the
   released feature files' sizes."""
   rng = np.random.default_rng(seed)
   raw = np.maximum(1, np.round(rng.lognormal(np.log(median), sigma, videos))).astype(int)

@@ -12,11 +12,10 @@ on GPUs it means TF32 (Ampere and later) and on TPUs bf16 passes, so run it on t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT  # noqa: E402
 sys.path[:0] = [ROOT]
 
 import numpy as np  # noqa: E402
@@ -31,10 +30,11 @@ def main(argv=None):
   a = p.parse_args(argv)
   import jax
   from common_jax import checkpoint, mesh as mesh_lib
-  from hapvr_jax import benchmarks, engine, features, model
+  from hapvr_jax import engine, features, model
+  from hapvr_jax import datasets
   params, mc = checkpoint.load_params(a.checkpoint)
   cfg = model.ModelConfig.from_dict(mc)
-  bench = benchmarks.load_benchmark(a.dataset, a.annotations)
+  bench = datasets.load_benchmark(a.dataset, a.annotations)
   ff, queries, database = features.open_split(bench, a.features, cfg)
   mesh = mesh_lib.make_mesh()
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()}: {len(queries)} queries x {len(database)} videos')

@@ -2,7 +2,8 @@
 
 Fields mirror the original's `Json/{fcvid,Anet}.json` (dataset, Image/Audio HDF5 files, num_class, the four
 split lists) plus the code length, the checkpoint to evaluate, the evaluation protocol and the training
-settings of spec §4.1. Variants (`--config=configs/fcvid.py:bits=16,all_vs_all`): `bits` (16/32/64/128) and
+settings of the original code.
+Variants (`--config=configs/fcvid.py:bits=16,all_vs_all`): `bits` (16/32/64/128) and
 `all_vs_all` (FCVID's SSVH protocol: the retrieval list is both the queries and the database).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ml_collections
 from configs import common
 
 DATASETS = {'fcvid': 239, 'actnet': 200}      # config name -> num_class of the original JSON
-LIST_FORMAT = {'fcvid': 'fcvid', 'actnet': 'activitynet'}   # config name -> avhash_jax.data_lists format
+LIST_FORMAT = {'fcvid': 'fcvid', 'actnet': 'activitynet'}   # config name -> input_pipeline.avhash.lists format
 
 
 def avhash_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
@@ -20,13 +21,13 @@ def avhash_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   variant = common.parse_arg(arg, bits=64, all_vs_all=False, demo=False, epochs=0)
   c = ml_collections.ConfigDict()
   c.dataset = dataset                  # 'fcvid' (1-based labels) | 'actnet' (0-based, v_ ids)
-  # Features (spec §1.2): one group per video id with a float32 `vectors` [25, 768] dataset.
+  # Features (the original's HDF5 layout): one group per video id with a float32 `vectors` [25, 768] dataset.
   c.image_h5 = ''                      # original: fcvid_vit_train.h5 / act_vit.h5 (CLIP frames)
   c.audio_h5 = ''                      # original: AST_fcvid_5s.h5 / AST_act.h5 (AST segments)
-  c.shards = ''                        # training: ArrayRecord shards of both (input_pipeline.make_av_shards),
+  c.shards = ''                        # training: ArrayRecord shards of both (input_pipeline.avhash.make_shards),
                                        # read instead of the two HDF5 files when set
   c.num_classes = DATASETS[dataset]
-  # Split lists (spec §1.3); the original's retrieval list is the training list.
+  # Split lists, in the original's formats; the original's retrieval list is the training list.
   c.train_list = ''
   c.val_list = ''
   c.test_list = ''
@@ -34,7 +35,7 @@ def avhash_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   c.bits = variant.bits                # code length L (one model per length)
   c.checkpoint = ''                    # converted (avhash_jax.convert) or trained checkpoint directory
 
-  # Evaluation (spec §5). Queries = test list, database = retrieval list; with all_vs_all the retrieval list
+  # Evaluation. Queries = test list, database = retrieval list; with all_vs_all the retrieval list
   # is both (FCVID's 45,600 x 45,600 SSVH protocol, the query is its own first hit).
   c.ks = (5, 10, 20, 40, 60, 80, 100, 200)
   c.all_vs_all = variant.all_vs_all
@@ -44,8 +45,8 @@ def avhash_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   c.plots = True                       # OUT/pr_curve.png
   c.compilation_cache = '~/.cache/avhash_jax/xla'   # persistent XLA cache ('' = off)
 
-  # Training (spec §3-4.1): python -m avhash_jax.main.
-  c.model = ml_collections.ConfigDict(dict(   # the encoders' BertConfig/config.json (spec §2.1); bits above
+  # Training: python -m avhash_jax.main.
+  c.model = ml_collections.ConfigDict(dict(   # the original's BertConfig/config.json; bits above
       hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=1,
       max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12, hidden_dropout_prob=0.1,
       attention_probs_dropout_prob=0.1, tokens=25))
@@ -57,7 +58,7 @@ def avhash_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   c.adam_b2 = 0.999
   c.adam_eps = 1e-3                    # the original's unusually large eps
   c.batch_size = 128                   # tuples per step (anchor, positive, n_neg negatives): 768 videos
-  c.epochs = 100                       # decision 3: README's 100 with best-val selection (code default 300)
+  c.epochs = 100                       # the original README's 100, best-val selection (its code says 300)
   c.seed = 3346
   c.n_neg = 4
   c.temperature = 0.1

@@ -1,6 +1,6 @@
 r"""AVHash on FCVID (239 classes, `video_id,label` lists with 1-based labels).
 
-Training (spec §3-4; rerun the same command to resume; WORKDIR/best is the best-val checkpoint, WORKDIR/test
+Training (rerun the same command to resume; WORKDIR/best is the best-val checkpoint, WORKDIR/test
 its test-list evaluation):
 
   python -m avhash_jax.main --config=configs/fcvid.py --workdir=runs/fcvid64 \

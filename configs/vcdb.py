@@ -1,4 +1,4 @@
-r"""HAP-VR self-supervised training on VCDB feature shards (spec §4, §10), and its embedded demo.
+r"""HAP-VR self-supervised training on VCDB feature shards, and its embedded demo.
 
 Full run (GPU or TPU slice; 30K steps of 2 loss groups x 64 source videos x 2 views x 28 frames):
 
@@ -6,7 +6,7 @@ Full run (GPU or TPU slice; 30K steps of 2 loss groups x 64 source videos x 2 vi
       --config.data.path=/data/vcdb_shards \
       --config.eval.features=/data/fivr_5k.hdf5 --config.eval.annotations=/data/annotations
 
-`data.path` is a shard directory (python -m input_pipeline.make_shards) or the extractor's HDF5 files. Rerunning
+`data.path` is a shard directory (python -m input_pipeline.hapvr.make_shards) or the extractor's HDF5 files. Rerunning
 the same command resumes from the last checkpoint in the workdir (any device count). FIVR-5K is evaluated every
 `eval_every` steps when `eval.features` is set (monitoring only: it is a test set). The trained checkpoint is
 evaluated like a converted one: python -m hapvr_jax.evaluate --config=configs/fivr_5k.py
@@ -36,7 +36,7 @@ def get_config(arg=None):
   variant = common.parse_arg(arg, demo=False, steps=0, bf16=False)
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 30_500          # 30K cosine steps + the original's epoch-end tail at min lr (decision 8)
+  c.total_steps = 30_500          # 30K cosine steps + the original's epoch-end tail at min lr
   c.compute_dtype = 'bfloat16' if variant.bf16 else 'float32'   # similarity network; losses stay float32
   c.mesh = (('data', -1),)
   c.compilation_cache = '~/.cache/hapvr_jax/xla'
@@ -60,7 +60,7 @@ def get_config(arg=None):
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
 
   c.loss = ml_collections.ConfigDict(dict(
-      # the original's hard-coded weights (spec §3.9); inner_ap=0 is its three-loss branch (no teacher)
+      # the original's hard-coded weights; inner_ap=0 is its three-loss branch (no teacher)
       weights=dict(infonce=1.0, inner_ap=6.0, qlap=4.0, sshn=3.0, reg=1.0),
       temperature=0.03, sshn_eps=1e-3, qlap_sigma=0.05, qlap_rho=0.1, inner_sigma=0.05, inner_rho=5.0,
       top_rate=0.35, bottom_rate=0.35,

@@ -1,29 +1,29 @@
 """Pixel augmentations of HAP-VR's weak and strong views and of the pixel-level video-in-video composite, in NumPy/PIL.
 
-Used at feature-extraction time (spec hapvr.md §10.1): each stored view is one draw of these parameters applied to
+Used at feature-extraction time: each stored view is one draw of these parameters applied to
 a 56-frame segment, and the sampled parameters go into the shard metadata. Inputs are uint8 RGB clips
 [T, H, W, 3] whose frames are already shorter-side-256 resized (as the original loads them); outputs are uint8
 [T, 224, 224, 3] plus a JSON-able meta dict.
 
-* `weak_view` (§4.3): RandomResizedCrop(224, scale (0.8, 1), ratio (3/4, 4/3)) + horizontal flip p 0.5, one draw
+* `weak_view`: RandomResizedCrop(224, scale (0.8, 1), ratio (3/4, 4/3)) + horizontal flip p 0.5, one draw
   for the whole clip. Crop sampling follows torchvision (10 attempts on area and log-ratio, then a centre crop with
   the ratio clamped); the crop is resized with PIL's antialiased bilinear filter (what torchvision's
   BILINEAR + antialias is designed to match).
-* `strong_view` (§4.4 steps 3-5): the same crop with scale (0.5, 1) and flip (clip-consistent), RandAugment(2, 9)
-  clip-consistent (`randaugment.py`), then per frame (§8 item 9): text overlay p 0.3, emoji overlay p 0.3, Gaussian
+* `strong_view`: the same crop with scale (0.5, 1) and flip (clip-consistent), RandAugment(2, 9)
+  clip-consistent (`randaugment.py`), then per frame: text overlay p 0.3, emoji overlay p 0.3, Gaussian
   blur p 0.5 with radius U(0.1, 2) (PIL ImageFilter.GaussianBlur), in that order, as augly's overlay_text /
   overlay_emoji / blur would.
   - `fonts`: TTF/OTF paths, e.g. `glob('<augly>/assets/fonts/*.ttf')`; default: PIL's built-in scalable font
     (`ImageFont.load_default(size=...)`, needs PIL's FreeType support). Characters are random printable ASCII.
   - `emojis`: RGBA image paths, e.g. `glob('<augly>/assets/twemojis/*/*.png')`; default: a synthetic emoji drawn with
     PIL (coloured face with eyes and a mouth, transparent background), so the product needs no assets.
-* `viv_composite` (§4.4 step 6, §10.4 option B): the guest clip resized into a box of side int(S * sqrt(1 - lam))
-  centred on a uniform random pixel of the host, clipped to the frame (can shrink to about half, §8 item 9), pasted
+* `viv_composite`: the guest clip resized into a box of side int(S * sqrt(1 - lam))
+  centred on a uniform random pixel of the host, clipped to the frame (can shrink to about half), pasted
   into a copy of the host.
 
 Quirk kept from torchvision: a 16:9 frame at short side 256 (256x455) cannot hold a crop of >= 0.8 of its area with
 ratio <= 4/3, so the weak view of such videos is always the 256x341 centre crop (only the flip varies).
-Choices where the spec is silent (augly's semantics otherwise): text is 4-10 random printable ASCII characters on one
+Free choices (augly's semantics otherwise): text is 4-10 random printable ASCII characters on one
 line, font size int(size * short side); text and emoji top-left corners are uniform in [0, 1 - size) of the frame
 (augly's relative x_pos/y_pos), the emoji height is int(size * H) with its aspect kept; an overlay is alpha-blended
 with alpha = round(255 * opacity) (scaled by the emoji's own alpha). ViV box: [c - side//2, c - side//2 + side),
@@ -108,7 +108,7 @@ def _crop_flip(clip, rng, scale):
 
 
 def weak_view(clip: np.ndarray, rng, scale=(0.8, 1.0)) -> tuple[np.ndarray, dict]:
-  """§4.3 steps 2-3 on all frames: uint8 [T, 224, 224, 3] and meta {view, seed, rng_state, config, crop, flip}."""
+  """Crop and flip on all frames: uint8 [T, 224, 224, 3] and meta {view, seed, rng_state, config, crop, flip}."""
   clip = _check_clip(clip)
   rng, meta = _as_rng(rng)
   out, m = _crop_flip(clip, rng, scale)
@@ -195,7 +195,7 @@ def _emoji_overlay(img, rng, emojis):
 
 
 def frame_augment(frame: np.ndarray, rng, fonts=None, emojis=None, p_text=0.3, p_emoji=0.3, p_blur=0.5):
-  """§4.4 step 5 on one uint8 [H, W, 3] frame: (frame, meta {text, emoji, blur}; None where not applied)."""
+  """Overlays/blur on one uint8 [H, W, 3] frame: (frame, meta {text, emoji, blur}; None where not applied)."""
   do_text, do_emoji, do_blur = (rng.random(3) < np.array([p_text, p_emoji, p_blur])).tolist()
   meta = {'text': None, 'emoji': None, 'blur': None}
   if not (do_text or do_emoji or do_blur):
@@ -213,7 +213,7 @@ def frame_augment(frame: np.ndarray, rng, fonts=None, emojis=None, p_text=0.3, p
 
 def strong_view(clip: np.ndarray, rng, fonts=None, emojis=None, scale=(0.5, 1.0), num_ops=2, magnitude=9,
                 num_bins=31, p_text=0.3, p_emoji=0.3, p_blur=0.5) -> tuple[np.ndarray, dict]:
-  """§4.4 steps 3-5: uint8 [T, 224, 224, 3] and meta {view, seed, rng_state, config, crop, flip,
+  """The strong view: uint8 [T, 224, 224, 3] and meta {view, seed, rng_state, config, crop, flip,
   randaugment, frames}."""
   clip = _check_clip(clip)
   rng, meta = _as_rng(rng)

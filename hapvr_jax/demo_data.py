@@ -16,7 +16,7 @@ attention to ignore overlay regions and the comparator to read the temporal stru
 
 `make_demo(directory, ...)` writes:
 
-* `shards/`: training shards in the real format (input_pipeline.shards): per video one segment of
+* `shards/`: training shards in the real format (input_pipeline.hapvr.shards): per video one segment of
   2 x window frames with 1 weak view (light noise) and 2 strong views (heavier noise, overlay swapped with
   p = 0.5), teacher features (a fixed random projection of each frame's mean region vector, standing in for
   DINO), and a bank of black/noise frames for TSD;
@@ -79,7 +79,7 @@ class World:
 
 
 def write_training_shards(world: World, directory: str, videos: int, window: int) -> str:
-  from input_pipeline import shards
+  from input_pipeline.hapvr import shards
   frames = 2 * window
   ids = synthetic.random_ids(world.rng, videos, 'train_')
   bank = {}

@@ -60,7 +60,8 @@ def evaluate(config, workdir: str) -> dict:
   """Scores, metrics and outputs. Raises engine_state.Stopped (partial results kept) on SIGTERM/SIGINT."""
   import jax
   from common_jax import distributed, mesh as mesh_lib, preemption
-  from hapvr_jax import benchmarks, engine as engine_lib, engine_state, features as features_lib
+  from hapvr_jax import engine as engine_lib, engine_state, features as features_lib
+  from hapvr_jax import datasets
 
   validate.evaluation(config)
   os.makedirs(workdir, exist_ok=True)
@@ -76,7 +77,7 @@ def evaluate(config, workdir: str) -> dict:
   for key in ('features', 'annotations'):
     if not config[key]:
       raise cli.UsageError(f'config.{key} is empty')
-  bench = benchmarks.load_benchmark(config.dataset, config.annotations)
+  bench = datasets.load_benchmark(config.dataset, config.annotations)
   model_config, params = load_model(config)
   ff, queries, database = features_lib.open_split(bench, config.features, model_config)
 
@@ -120,7 +121,7 @@ def evaluate(config, workdir: str) -> dict:
     if config.plots:
       curves = bench.pr_curves(scores, queries, database) if hasattr(bench, 'pr_curves') else None
       if curves:
-        benchmarks.plot_pr_curves(curves, os.path.join(workdir, 'pr_curves.png'))
+        datasets.plot_pr_curves(curves, os.path.join(workdir, 'pr_curves.png'))
     io_util.write_json(os.path.join(workdir, 'metrics.json'), metrics)
   distributed.barrier('hapvr evaluation outputs written')   # no partial is dropped before the outputs exist
   shutil.rmtree(state_dir, ignore_errors=True)

@@ -1,13 +1,13 @@
 r"""HAP-VR features from video files: DnS-format HDF5 for evaluation, augmented views for training.
 
-Evaluation features (spec §1.1-1.3): 1 frame/s, shorter side 256 (ffmpeg's fps and bicubic scale, through
+Evaluation features (as the DnS files): 1 frame/s, shorter side 256 (ffmpeg's fps and bicubic scale, through
 PyAV), centre crop 224, ResNet-50 L3-iRMAC + ViSiL PCA -> one dataset [T, 9, 512] per video id:
 
   python -m hapvr_jax.extract --resnet=ckpt/resnet50_irmac --video_dir=fivr/videos --output=fivr_5k.h5
 
-Training views (spec §10.1-10.2): per video `--segments` 56-frame segments (random start, short videos tiled),
+Training views: per video `--segments` 56-frame segments (random start, short videos tiled),
 each stored as 1 weak + (`--views` - 1) strong pixel-augmented views (hapvr_jax.augment), with ResNet region
-features and DINO ViT-S/16 CLS features, in the HDF5 view format of input_pipeline.hdf5_views (a file per
+features and DINO ViT-S/16 CLS features, in the HDF5 view format of input_pipeline.hapvr.hdf5_views (a file per
 host; the folder is a training store, and `--shards_output` also converts it to ArrayRecord shards):
 
   python -m hapvr_jax.extract --mode=train --views=4 --segments=2 --resnet=ckpt/resnet50_irmac \
@@ -33,7 +33,9 @@ from absl import flags
 
 from backbones import registry
 from common_jax import cli
-from input_pipeline import extraction, feature_writer, video_io
+from extraction import runner as extraction
+from extraction import feature_writer
+from extraction import video_io
 
 SEGMENT_FRAMES = 56
 
@@ -45,7 +47,7 @@ def video_rng(seed: int, video_id: str) -> np.random.Generator:
 
 def segments_of(frames: np.ndarray, count: int, rng: np.random.Generator, length: int = SEGMENT_FRAMES):
   """`count` segments of `length` frames: a random start (randint(len - length), whose last offset is never
-  drawn, as the original), or for a short video the frames tiled by concatenation (spec §4.2)."""
+  drawn, as the original), or for a short video the frames tiled by concatenation."""
   n = len(frames)
   tiled = frames
   while len(tiled) < length:
@@ -58,7 +60,8 @@ def segments_of(frames: np.ndarray, count: int, rng: np.random.Generator, length
 
 
 def make_bank(resnet_dino_fn, size: int, rng: np.random.Generator, augment, fonts, emojis, batch: int):
-  """Features of black and uniform-noise frames through the strong-view pipeline (spec §10.3, decision 5)."""
+  """Features of black and uniform-noise frames through the strong-view pipeline: the frames TSD blanks or
+  fills with noise, which the train step cannot render itself since it never sees pixels."""
   bank = {}
   for kind in ('black', 'noise'):
     frames = (np.zeros((size, 256, 256, 3), np.uint8) if kind == 'black'
@@ -127,7 +130,7 @@ def extract(args) -> int:
     raise ValueError('--mode=train needs --dino, --views >= 2 (1 weak + strong views) and --segments >= 1')
   if args.shards_output and (not train or num_shards > 1):
     raise ValueError('--shards_output needs --mode=train on one host; with several hosts run '
-                     'python -m input_pipeline.make_shards on the output folder once all have finished')
+                     'python -m input_pipeline.hapvr.make_shards on the output folder once all have finished')
   nets = [registry.load(args.resnet, 'resnet50_irmac')]
   if train:
     dino = registry.load(args.dino, 'dino_vits16')
@@ -188,13 +191,13 @@ def extract(args) -> int:
   if stats is None:
     return 0
   if train and args.bank_size and shard_index == 0:
-    from input_pipeline.shard_format import save_bank  # pylint: disable=g-import-not-at-top
+    from input_pipeline.hapvr.shard_format import save_bank  # pylint: disable=g-import-not-at-top
     bank_rng = np.random.default_rng([args.seed, 0xBA4C])
     save_bank(os.path.join(os.path.dirname(os.path.abspath(output)), 'bank.npz'),
               make_bank(fn, args.bank_size, bank_rng, augment, fonts, emojis, batch))
   writer.commit()
   if train and args.shards_output:
-    from input_pipeline import hdf5_views  # pylint: disable=g-import-not-at-top
+    from input_pipeline.hapvr import hdf5_views  # pylint: disable=g-import-not-at-top
     hdf5_views.convert(os.path.dirname(os.path.abspath(output)), args.shards_output, progress=True)
   print(json.dumps({'output': output, **stats, 'failures': failures.summary(),
                     'padded_frames': runner.padded_rows, 'batches': runner.batches}))

@@ -1,12 +1,12 @@
-"""The HAP-VR training losses (spec §3), as pure jnp functions of one loss group of N clips.
+"""The HAP-VR training losses, as pure jnp functions of one loss group of N clips.
 
-  L = InfoNCE + 6 * InnerAP + 4 * QLAP + 3 * (hard-negative + self) + 1 * regularisation     (spec §3.9)
+  L = InfoNCE + 6 * InnerAP + 4 * QLAP + 3 * (hard-negative + self) + 1 * regularisation   (fixed in the original)
 
 S [N, N] is the video-level similarity in [0, 1] (the training forward's second output), Y [N, N] the 0/1
 positive-pair matrix (Y = 1[M M^T > 0]), F [.., T, T] the pre-CNN frame-to-frame similarity. All losses are
 computed in float32. Self-pairs count as positives in QLAP and the inner AP, as in the original.
 
-The frame-level inner AP is computed on the positive clip pairs only (decision 14): the original builds
+The frame-level inner AP is computed on the positive clip pairs only: the original builds
 [N, N, T, T, T] tensors and then weights every (a, b) by Y[a, b], so restricting to the pairs with Y = 1 gives
 exactly the same value with ~N/3 times less memory. `positive_pairs` lists them with a static size.
 """
@@ -44,13 +44,13 @@ def _ap_from_scores(s, pos, cand, sigma, rho):
 
 
 def qlap_loss(s, y, sigma: float = 0.05, rho: float = 0.1):
-  """Video-level QuadLinear-AP (spec §3.3): 1 - mean over queries of the smoothed AP of their row."""
+  """Video-level QuadLinear-AP: 1 - mean over queries of the smoothed AP of their row."""
   s, y = s.astype(jnp.float32), y.astype(jnp.float32)
   return 1. - jnp.mean(_ap_from_scores(s, y, jnp.ones_like(y), sigma, rho))
 
 
 def pseudo_labels(g_a, g_b, top_rate: float = 0.35, bottom_rate: float = 0.35):
-  """DINO pseudo frame labels (spec §3.4) of clip pairs: g_a, g_b [M, T, C] teacher features.
+  """DINO pseudo frame labels of clip pairs: g_a, g_b [M, T, C] teacher features.
 
   Cosine similarity G[m, i, j] of frame i of clip a to frame j of clip b; along j, the top
   max(round(T * top_rate), 1) frames are pseudo-positives and the bottom max(round(T * bottom_rate), 1)
@@ -76,7 +76,7 @@ def positive_pairs(y, max_pairs: int):
 
 
 def inner_ap_loss(f, pos, neg, weights, sigma: float = 0.05, rho: float = 5.0):
-  """Frame-level TB-Inner QuadLinear-AP (spec §3.5) over clip pairs.
+  """Frame-level TB-Inner QuadLinear-AP over clip pairs.
 
   f, pos, neg [M, T, T]: frame similarities and pseudo-labels of M clip pairs; weights [M]: Y of each pair (1
   for the positive pairs, 0 for padding). Per (pair, query frame) the candidates are the pseudo-positives and
@@ -88,7 +88,7 @@ def inner_ap_loss(f, pos, neg, weights, sigma: float = 0.05, rho: float = 5.0):
 
 
 def infonce_loss(s, y, temperature: float = 0.03):
-  """InfoNCE over the similarity matrix (spec §3.6): positives j != i against all negatives of row i."""
+  """InfoNCE over the similarity matrix: positives j != i against all negatives of row i."""
   s, y = s.astype(jnp.float32), y.astype(jnp.float32)
   logits = s / temperature
   neg = 1. - y
@@ -102,7 +102,7 @@ def infonce_loss(s, y, temperature: float = 0.03):
 
 
 def sshn_losses(s, y, eps: float = 1e-3):
-  """(hard-negative loss, self loss) of spec §3.7."""
+  """(hard-negative loss, self loss): the two SSHN terms."""
   s, y = s.astype(jnp.float32), y.astype(jnp.float32)
   hardest = jnp.max(jnp.where(y == 0, s, -100.), axis=1)
   hard_neg = -jnp.mean(jnp.log(jnp.maximum(1. - hardest, eps)))

@@ -1,4 +1,4 @@
-r"""HAP-VR self-supervised training (spec §4, §10): the command-line entry point.
+r"""HAP-VR self-supervised training on precomputed feature shards: the command-line entry point.
 
   python -m hapvr_jax.main --config=configs/vcdb.py --workdir=runs/hapvr_vcdb --config.data.path=SHARDS
   python -m hapvr_jax.main --config=configs/vcdb.py:demo --workdir=/tmp/hapvr_train_demo   # synthetic demo

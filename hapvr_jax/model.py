@@ -1,4 +1,4 @@
-"""The HAP-VR / S2VS / ViSiL similarity network in Flax Linen (spec §2).
+"""The HAP-VR / S2VS / ViSiL similarity network in Flax Linen.
 
 Parameter tree (mirrors the original state_dict, see `hapvr_jax.convert`):
 
@@ -67,7 +67,7 @@ def max_pool_2x2(x):
 
 
 class VideoComparator(nn.Module):
-  """The small CNN over a frame-to-frame similarity map (spec §2.4), with masks carried through pooling."""
+  """The small CNN over a frame-to-frame similarity map, with masks carried through pooling."""
   dtype: Any = jnp.float32
   precision: Any = lax.Precision.HIGHEST
 
@@ -193,7 +193,7 @@ class SimilarityNetwork(nn.Module):
     """Training forward over all ordered pairs of a clip batch x [N, T, R, D] (no padding).
 
     Returns (frame_level_sim [N, N, T, T], S [N, N] in [0, 1], reg_loss): the similarity regularisation is
-    the sum over every comparator output of relu(-1 - C) + relu(C - 1) (spec §3.8).
+    the sum over every comparator output of relu(-1 - C) + relu(C - 1), which pulls the outputs into [-1, 1].
     """
     x = self.index_video(x, train=train)
     f2f = self.frame_to_frame(x, x)

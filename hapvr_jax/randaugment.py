@@ -1,7 +1,7 @@
 """RandAugment for whole uint8 clips, in NumPy, following torchvision's tensor semantics (no torchvision needed).
 
 HAP-VR applies `torchvision.transforms.RandAugment(num_ops=2, magnitude=9)` to the strong view's [T, C, H, W] uint8
-tensor (spec hapvr.md §4.4 step 4), so the two sampled ops, magnitudes and signs are identical for every frame,
+tensor, so the two sampled ops, magnitudes and signs are identical for every frame,
 while data-dependent ops (Contrast, AutoContrast, Equalize) use each frame's own statistics. This module
 reimplements that op list on a [T, H, W, 3] uint8 NumPy clip:
 
@@ -19,7 +19,7 @@ Affine ops reproduce `grid_sample(mode='nearest', align_corners=False, padding z
 mapped by the inverse matrix (in coordinates centred on the image) and rounded half-to-even to a source pixel.
 Per-value ops (Brightness, Contrast, Posterize, Solarize, AutoContrast, Equalize) are computed as exact 256-entry
 LUTs with those float32 formulas and applied with PIL's `point` per frame (fast C); Sharpness uses PIL's SMOOTH
-kernel, which equals torchvision's degenerate image (checked in tests/augment_test.py).
+kernel, which equals torchvision's degenerate image (checked in tests/hapvr/augment_test.py).
 All randomness comes from a `np.random.Generator`, drawn in torchvision's order (op index, then sign).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Masked similarity reductions of the ViSiL/HAP-VR similarity network, as pure jnp functions.
 
-Two levels use the same family of reductions (spec §2.3, §2.5):
+Two levels use the same family of reductions:
 
 * frame to frame: a region-by-region dot-product tensor is reduced over the target regions (max, top-k mean,
   or mean) and then averaged over the query regions;
@@ -40,7 +40,8 @@ def check_kind(kind: str) -> str:
 @jax.custom_jvp
 def max_last(x):
   """max over the last axis whose gradient goes to a single index (the first maximum), as torch's max/topk
-  route it (decision 13); jnp.max would split it among tied maxima. The forward pass is a plain max."""
+  route it (so the gradients at ties are the original's); jnp.max would split it among tied maxima.
+  The forward pass is a plain max."""
   return jnp.max(x, axis=-1)
 
 

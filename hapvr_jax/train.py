@@ -42,8 +42,9 @@ class Evaluator:
   features instead); the engine (and its compilations) is built once."""
 
   def __init__(self, eval_config, model_config, mesh):
-    from hapvr_jax import benchmarks, engine as engine_lib, features as features_lib
-    self.bench = benchmarks.load_benchmark(eval_config.dataset, eval_config.annotations)
+    from hapvr_jax import engine as engine_lib, features as features_lib
+    from hapvr_jax import datasets
+    self.bench = datasets.load_benchmark(eval_config.dataset, eval_config.annotations)
     self.features, self.queries, self.database = features_lib.open_split(
         self.bench, eval_config.features, model_config)
     make = lambda **kw: engine_lib.Engine(model_config, None, mesh, engine_lib.EngineConfig(
@@ -85,9 +86,10 @@ def _prepare_demo(config, workdir):
 
 
 def _open_data(config, model_config):
-  from input_pipeline import pipeline, shards
+  from input_pipeline.hapvr import pipeline
+  from input_pipeline.hapvr import shards
   if not config.data.path:
-    raise cli.UsageError('config.data.path is empty: give a shard directory (input_pipeline.make_shards) '
+    raise cli.UsageError('config.data.path is empty: give a shard directory (input_pipeline.hapvr.make_shards) '
                          'or the extractor\'s HDF5 views')
   store = shards.open_store(config.data.path)
   info = store.info

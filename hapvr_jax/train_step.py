@@ -1,6 +1,6 @@
 """The HAP-VR train step: losses of a batch of loss groups, AdamW with the original schedule, sharded jit.
 
-A batch holds G loss groups of N = 2B clips (B weak clips, then their B strong views; spec §3.1, §10.5); the
+A batch holds G loss groups of N = 2B clips (B weak clips, then their B strong views, the original's order); the
 pipeline delivers [G, N, ...] and `put_batch` places it on the mesh flattened to [G * N, ...]:
 
   regions [G, N, T, R, D]   region features (float16/bfloat16/float32)
@@ -8,7 +8,7 @@ pipeline delivers [G, N, ...] and `put_batch` places it on the mesh flattened to
   y       [G, N, N]         1 where two clips share a source video (Y = 1[M M^T > 0])
 
 Every loss is computed per group, with the group's other clips as the negatives, and the total is averaged
-over groups (decision 7): two groups of 64 sources reproduce the original's two GPUs whatever the device
+over groups: two groups of 64 sources reproduce the original's two GPUs whatever the device
 count. The global batch is sharded over the mesh's data axis: over the groups when the device count divides
 G, otherwise over the clips of each group (XLA then gathers the indexed features for the N x N pairs).
 
@@ -39,7 +39,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # ------------------------------------------------------------------------------------------------ schedule
 def learning_rate(step, lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, decay_steps: int):
-  """timm's CosineLRScheduler as the original uses it (spec §4.5): linear warm-up from warmup_lr, then a
+  """timm's CosineLRScheduler as the original uses it: linear warm-up from warmup_lr, then a
   cosine from lr to min_lr over decay_steps that is *not* offset by the warm-up, then min_lr."""
   t = jnp.asarray(step, jnp.float32)
   warm = warmup_lr + t * (lr - warmup_lr) / max(warmup_steps, 1)
@@ -67,7 +67,7 @@ def max_positive_pairs(n_clips: int, factor: float) -> int:
 
 
 def group_losses(net, params, regions, teacher, y, loss_cfg, max_pairs: int) -> Dict[str, jax.Array]:
-  """Every loss term of one loss group (spec §3), plus a few health numbers."""
+  """Every loss term of one loss group, plus a few health numbers."""
   f2f, s, reg = net.apply({'params': params}, regions, train=True)
   terms = {'reg': reg}
   terms['infonce'] = losses.infonce_loss(s, y, loss_cfg.temperature)

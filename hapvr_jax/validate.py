@@ -2,7 +2,7 @@
 
 `training(config)` for `hapvr_jax.main`, `evaluation(config)` for `hapvr_jax.evaluate`. A bad size, period,
 count or rate raises `cli.UsageError` naming the field (`config.log_every=0: must be a positive integer`).
-A new numeric field in those configs needs a line here: tests/bad_config_test.py sets every numeric field
+A new numeric field in those configs needs a line here: tests/common/config_check_test.py sets every numeric field
 to a bad value and expects it to be named.
 """
 from __future__ import annotations

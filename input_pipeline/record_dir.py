@@ -1,7 +1,7 @@
 """A shard directory being written: rolling ArrayRecord files in a temporary folder, renamed into place at the end.
 
-Shared by the HAP-VR view shards (`input_pipeline.shards.ShardWriter`) and the AVHash feature shards
-(`input_pipeline.av_shards.AVShardWriter`), which add their own record codec, validation and index file:
+Shared by the HAP-VR view shards (`input_pipeline.hapvr.shards.ShardWriter`) and the AVHash feature shards
+(`input_pipeline.avhash.shards.AVShardWriter`), which add their own record codec, validation and index file:
 
   out = RecordDir(directory, records_per_shard, options, error=ShardError)
   index = out.write(record)                        # global record index
