@@ -168,7 +168,7 @@ def test_other_region_counts_and_groups_are_errors_naming_file_and_video(eval_se
 @pytest.fixture(scope='module')
 def extraction_setup(tmp_path_factory):
   """Three short generated videos, a tiny converted ResNet, and an uninterrupted extraction's output."""
-  import video_fixtures
+  from tests import video_fixtures
   from backbones import registry, resnet
   from hapvr_jax import extract
   tmp = tmp_path_factory.mktemp('extraction')
