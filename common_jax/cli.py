@@ -178,6 +178,10 @@ def parse_config_flags(argv, flag_values=None):
   flag_values = flags.FLAGS if flag_values is None else flag_values
   try:
     return flag_values(argv)
+  except SystemExit:   # absl's --help exits 1 after printing; asking for help is no error
+    if any(a.split('=')[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     message = str(e)
     if 'Traceback (most recent call last)' in message:   # a config file that raised while loading
