@@ -1,0 +1,34 @@
+"""Coarse video descriptors for the shortlist stage of a search: one unit vector per video, compared by inner
+product (cosine), cheap enough to score every video of a large collection before the similarity network
+re-ranks a shortlist.
+
+`describe(features)` maps a video's region features [T, R, D] (or [T, D]) to a float32 unit vector of
+`dim(D)` values. The default is pooled regions: each frame's regions are averaged and L2-normalised, the
+frames are averaged and the result L2-normalised again. It needs no training and keeps the whitened feature
+space in which near-duplicate frames lie close.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METHOD = 'pooled_regions'
+
+
+def dim(feature_dims: int) -> int:
+  """Length of the descriptor of a video whose regions have `feature_dims` values."""
+  return feature_dims
+
+
+def _unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def describe(features: np.ndarray) -> np.ndarray:
+  """The descriptor [dim(D)] (float32, unit norm) of one video's features [T, R, D] or [T, D]."""
+  x = np.asarray(features, np.float32)
+  if x.ndim == 2:
+    x = x[:, None]
+  if x.ndim != 3 or x.shape[0] == 0:
+    raise ValueError(f'features of shape {x.shape}: expected [T, R, D] or [T, D] with T > 0')
+  frames = _unit(x.mean(axis=1))
+  return _unit(frames.mean(axis=0)).astype(np.float32)
