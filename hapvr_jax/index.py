@@ -124,9 +124,9 @@ def decode_video(path: str, fps: float):
   """(frames, metadata) as the evaluation extractor decodes a video; VideoError names an unreadable file."""
   from extraction import video_io
   frames, _ = video_io.read_frames_fps(path, fps=fps, short_side=256, crop=224)
-  with video_io.probe(path) as info:
-    meta = {'path': os.path.abspath(path), 'duration': round(float(info.duration), 3), 'fps': fps,
-            'source_fps': round(float(info.fps), 3)}
+  info = video_io.probe(path)
+  meta = {'path': os.path.abspath(path), 'duration': round(float(info.duration), 3), 'fps': fps,
+          'source_fps': round(float(info.fps), 3)}
   return frames, meta
 
 

@@ -184,13 +184,13 @@ def query_features(ix: IndexDir, items: list, resnet: str, batch_size: int = 64)
     if path is None:
       out.append((qid, ix.read(qid, 'features'), ix.read(qid, 'coarse')))
       continue
+    frames, _ = index_lib.decode_video(path, ix.config['fps'])   # an unreadable video: named before any work
     if runner is None:
       if not resnet:
         raise cli.UsageError('a video query needs --resnet=DIR (the backbone the index was built with)')
       net = index_lib.load_backbone(resnet)
       check_backbone(ix, net, resnet)
       runner = index_lib.features_fn(net, batch_size)
-    frames, _ = index_lib.decode_video(path, ix.config['fps'])
     (_, x), = runner.add(qid, frames) + runner.flush()
     x = np.asarray(x).astype(ix.config['feature_dtype'])
     out.append((qid, x, coarse.describe(x)))

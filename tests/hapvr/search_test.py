@@ -1,0 +1,125 @@
+"""python -m hapvr_jax.search: `--shortlist=all` gives hapvr_jax.evaluate's similarities; a shortlist
+re-ranks the coarse stage's best with the same scores; every bad input of a search is one error line, exit 2,
+the index untouched."""
+import csv
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from hapvr_jax import evaluate, index, search, synthetic
+from configs import common as config_common
+from tests import video_fixtures
+from tests.hapvr.search_fixtures import clips_index, corpus, make_checkpoint, run_error, tree_digest  # noqa: F401
+
+
+def _search(out, *argv):
+  assert search.main(list(argv) + [f'--output={out}', '--noprogress']) == 0
+  with open(os.path.join(out, 'results.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  with open(os.path.join(out, 'results.csv')) as f:
+    assert [(r['query'], int(r['rank']), r['id']) for r in csv.DictReader(f)] == \
+        [(r['query'], r['rank'], r['id']) for r in rows]
+  return rows
+
+
+@pytest.fixture(scope='module')
+def fivr(tmp_path_factory):
+  """A synthetic FIVR-format corpus scored by hapvr_jax.evaluate, and an index of its feature file."""
+  tmp = tmp_path_factory.mktemp('fivr')
+  data = synthetic.make_fivr_corpus(str(tmp / 'data'), num_queries=2, num_database=16, dims=32, seed=1)
+  ckpt = make_checkpoint(tmp / 'ckpt', dims=32, seed=3)
+  c = config_common.hapvr_eval_config('fivr_5k')
+  c.features, c.annotations, c.checkpoint = data['features'], data['annotations'], ckpt
+  c.store_similarities, c.plots, c.progress, c.resume, c.compilation_cache = True, False, False, False, ''
+  assert evaluate.run(c, str(tmp / 'eval')) == 0
+  with open(tmp / 'eval' / 'similarities.pk', 'rb') as f:
+    sims = pickle.load(f)
+  ix = str(tmp / 'ix')
+  assert index.main([f'--index={ix}', f'--features={data["features"]}', '--feature_dtype=float32',
+                     '--noprogress']) == 0
+  queries = tmp / 'queries.txt'
+  queries.write_text('\n'.join(data['queries']) + '\n')
+  return {'sims': sims, 'index': ix, 'ckpt': ckpt, 'queries': str(queries), 'data': data, 'tmp': tmp}
+
+
+def test_shortlist_all_equals_evaluate(fivr, tmp_path):
+  rows = _search(tmp_path, f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
+                 f'--queries={fivr["queries"]}', '--shortlist=all', '--top_k=1000')
+  data = fivr['data']
+  assert len(rows) == len(data['queries']) * (len(data['queries']) + len(data['database']))
+  for r in rows:
+    if r['id'] in fivr['sims'][r['query']]:
+      np.testing.assert_allclose(r['score'], fivr['sims'][r['query']][r['id']], atol=1e-5)
+  for q in data['queries']:
+    scores = [r['score'] for r in rows if r['query'] == q]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_shortlist_re_ranks_the_coarse_best_with_the_same_scores(fivr, tmp_path):
+  full = _search(tmp_path / 'all', f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
+                 f'--queries={fivr["queries"]}', '--shortlist=all', '--top_k=1000')
+  short = _search(tmp_path / 'short', f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
+                  f'--queries={fivr["queries"]}', '--shortlist=25%', '--top_k=3')
+  exact = {(r['query'], r['id']): r for r in full}
+  for q in fivr['data']['queries']:
+    mine = [r for r in short if r['query'] == q]
+    assert [r['rank'] for r in mine] == [1, 2, 3]
+    best_coarse = sorted((r for r in full if r['query'] == q), key=lambda r: -r['coarse_score'])[:5]
+    assert {r['id'] for r in mine} <= {r['id'] for r in best_coarse}   # 25% of 18 videos: 5 candidates
+    for r in mine:
+      np.testing.assert_allclose(r['score'], exact[(q, r['id'])]['score'], atol=1e-6)
+  q = fivr['data']['queries'][0]
+  floor = sorted(r['score'] for r in full if r['query'] == q)[-2]
+  kept = _search(tmp_path / 'min', f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
+                 f'--query_id={q}', f'--min_score={floor}', '--shortlist=all')
+  assert [r['id'] for r in kept] == [r['id'] for r in full if r['query'] == q][:2]
+
+
+def test_bad_input_is_one_error_and_leaves_the_index_untouched(fivr, corpus, tmp_path, capsys):  # noqa: F811
+  ix = fivr['index']
+  bad_video = video_fixtures.make_corrupt(str(tmp_path / 'broken.mp4'))
+  empty = str(tmp_path / 'empty')
+  assert index.main([f'--index={empty}', f'--features={corpus["features"]}', '--noprogress']) == 0
+  assert index.main([f'--index={empty}', '--remove=' + ','.join(f'v{k:02d}' for k in range(10))]) == 0
+  wrong_dims = make_checkpoint(tmp_path / 'ckpt64', dims=64)
+  q = f'--query_id={fivr["data"]["queries"][0]}'
+  cases = [
+      ([f'--index={ix}', f'--checkpoint={fivr["ckpt"]}', f'--query={bad_video}', '--resnet=unused'],
+       'broken.mp4'),
+      ([f'--index={empty}', f'--checkpoint={fivr["ckpt"]}', '--query_id=v00'], 'the index is empty'),
+      ([f'--index={ix}', f'--checkpoint={fivr["ckpt"]}', '--query_id=nope'], "'nope' is not in the index"),
+      ([f'--index={ix}', f'--checkpoint={wrong_dims}', q], '64-dim features but the index'),
+      ([f'--index={ix}', f'--checkpoint={fivr["ckpt"]}', q, '--shortlist=0'], '--shortlist=0'),
+      ([f'--index={tmp_path}/nothing', f'--checkpoint={fivr["ckpt"]}', q], 'nothing: index not found'),
+  ]
+  before = tree_digest(ix)
+  for argv, culprit in cases:
+    code, err = run_error(search.main, argv + [f'--output={tmp_path}/out', '--noprogress'], capsys)
+    assert code == 2 and err.startswith('error: ') and len(err.splitlines()) == 1, err
+    assert culprit in err, err
+    assert tree_digest(ix) == before
+    assert not os.path.exists(tmp_path / 'out' / 'results.jsonl')
+  for name, damage in (('coarse.faiss', b'not a faiss index'), ('manifest.json', b'{"format": ')):
+    copy = str(tmp_path / f'damaged_{name}')
+    os.system(f'cp -r {ix} {copy}')
+    with open(os.path.join(copy, name), 'wb') as f:
+      f.write(damage)
+    code, err = run_error(search.main, [f'--index={copy}', f'--checkpoint={fivr["ckpt"]}', q,
+                                        f'--output={tmp_path}/out', '--noprogress'], capsys)
+    assert code == 2 and f'{name}: corrupt' in err and len(err.splitlines()) == 1, err
+
+
+def test_real_clips_an_edited_copy_finds_its_source_first(clips_index, tmp_path, capsys):  # noqa: F811
+  queries = tmp_path / 'queries.txt'
+  queries.write_text(''.join(f'{p}\n' for p in clips_index['copies'].values()))
+  rows = _search(tmp_path, f'--index={clips_index["index"]}', f'--checkpoint={clips_index["checkpoint"]}',
+                 f'--resnet={clips_index["resnet"]}', f'--queries={queries}', '--shortlist=2')
+  out = capsys.readouterr().out
+  assert 'rank' in out and 'coarse' in out and 'fine' in out   # the table and the stage timings
+  for source, copy in clips_index['copies'].items():
+    mine = [r for r in rows if r['query'] == os.path.splitext(os.path.basename(copy))[0]]
+    assert mine[0]['id'] == source and mine[0]['path'] == os.path.join(clips_index['folder'], source + '.mp4')
+    assert mine[0]['score'] > mine[1]['score'] and len(mine) == 2
