@@ -108,3 +108,26 @@ def test_bad_input_is_one_error_and_leaves_the_index_untouched(corpus, tmp_path,
     f.write('{"format": "jax-vr-ind')
   code, err = run_error(index.main, [f'--index={path}', f'--features={corpus["features"]}'], capsys)
   assert code == 2 and 'manifest.json: corrupt' in err and len(err.splitlines()) == 1
+
+
+def test_documented_commands_parse_and_help_shows_an_example(capsys):
+  import importlib
+  import re
+  import shlex
+
+  from common_jax import cli
+  programs = ('hapvr_jax.index', 'hapvr_jax.search')
+  texts = [open(os.path.join(ROOT, 'README.md')).read()] + [importlib.import_module(p).__doc__ for p in programs]
+  seen = set()
+  for text in texts:
+    for m in re.finditer(r'python -m (hapvr_jax\.(?:index|search))([^`\n]*)', text.replace('\\\n', ' ')):
+      argv = shlex.split(m.group(2), comments=True)
+      if argv and argv[0].startswith('--'):
+        cli.parse_flags(importlib.import_module(m.group(1)).define_flags, argv)   # exits 2 on a bad command
+        seen.add(m.group(1))
+  assert seen == set(programs)
+  for name in programs:
+    with pytest.raises(SystemExit) as e:
+      importlib.import_module(name).main(['--help'])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and f'\n  python -m {name} --' in out and '\nrequired: --' in out
