@@ -87,37 +87,42 @@ def check_backbone(ix: IndexDir, net, where: str) -> None:
 
 
 def search(ix: IndexDir, engine, queries: list, shortlist: int, top_k: int = 10, min_score: float = -np.inf,
-           progress: bool = False, timings: dict | None = None) -> list:
+           progress: bool = False, timings: dict | None = None, query_batch: int = 16) -> list:
   """Ranks the index for each query (id, features [T, R, D], descriptor): [[row dict]] per query.
 
   Stage 1: the `shortlist` best coarse scores (every video when shortlist >= len(ix)); stage 2: the engine
-  on the union of the shortlists, each query ranked over its own."""
+  on the union of the shortlists of `query_batch` queries at a time, each query ranked over its own."""
   timings = {} if timings is None else timings
   ids = ix.ids()
   t0 = time.time()
   faiss_index = index_lib.refresh_coarse(ix)
-  descriptors = np.stack([d for _, _, d in queries])
-  c_scores, rows = faiss_index.search(descriptors, shortlist)
+  c_scores, rows = faiss_index.search(np.stack([d for _, _, d in queries]), shortlist)
   timings['coarse_s'] = timings.get('coarse_s', 0.0) + time.time() - t0
-  t0 = time.time()
   lists = [[(ids[r], float(s)) for s, r in zip(cs, rs) if r >= 0] for cs, rs in zip(c_scores, rows)]
-  union = sorted({v for lst in lists for v, _ in lst})
-  qids = [f'\0query:{k}' for k in range(len(queries))]   # never confused with an indexed id
-  src = Source(ix, engine.model_config.min_len, {q: x for q, (_, x, _) in zip(qids, queries)})
-  fine = engine.score(src, qids, union, progress=progress)
-  timings['fine_s'] = timings.get('fine_s', 0.0) + time.time() - t0
-  col = {v: j for j, v in enumerate(union)}
   out = []
-  for k, ((qid, _, _), lst) in enumerate(zip(queries, lists)):
-    ranked = sorted(((float(fine[k, col[v]]), v, c) for v, c in lst), key=lambda t: (-t[0], t[1]))
-    rows_out = []
-    for score, vid, c in ranked:
-      if score < min_score or len(rows_out) >= top_k:
-        break
-      rows_out.append({'query': qid, 'rank': len(rows_out) + 1, 'id': vid, 'path': ix.meta(vid).get('path', ''),
-                       'score': score, 'coarse_score': c})
-    out.append(rows_out)
+  for start in range(0, len(queries), query_batch):
+    t0 = time.time()
+    part, part_lists = queries[start:start + query_batch], lists[start:start + query_batch]
+    union = sorted({v for lst in part_lists for v, _ in lst})
+    qids = [f'\0query:{k}' for k in range(len(part))]   # never confused with an indexed id
+    src = Source(ix, engine.model_config.min_len, {q: x for q, (_, x, _) in zip(qids, part)})
+    fine = engine.score(src, qids, union, progress=progress)
+    timings['fine_s'] = timings.get('fine_s', 0.0) + time.time() - t0
+    col = {v: j for j, v in enumerate(union)}
+    out += [_ranked(ix, qid, [(float(fine[k, col[v]]), v, c) for v, c in lst], top_k, min_score)
+            for k, ((qid, _, _), lst) in enumerate(zip(part, part_lists))]
   return out
+
+
+def _ranked(ix: IndexDir, qid: str, scored: list, top_k: int, min_score: float) -> list:
+  """Rows of one query: best score first (ties by id), at most top_k, none below min_score."""
+  rows = []
+  for score, vid, c in sorted(scored, key=lambda t: (-t[0], t[1])):
+    if score < min_score or len(rows) >= top_k:
+      break
+    rows.append({'query': qid, 'rank': len(rows) + 1, 'id': vid, 'path': ix.meta(vid).get('path', ''),
+                 'score': score, 'coarse_score': c})
+  return rows
 
 
 def write_results(output: str, results: list) -> tuple:
