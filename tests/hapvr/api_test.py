@@ -15,7 +15,7 @@ from common_jax.index_dir import IndexDirError
 from hapvr_jax import api, index, search
 from hapvr_jax.features import tiled_length
 from tests.conftest import ROOT
-from tests.hapvr.search_fixtures import clips_index, corpus, make_checkpoint  # noqa: F401
+from tests.hapvr.search_fixtures import make_checkpoint
 
 
 def _features(path):
@@ -23,7 +23,7 @@ def _features(path):
     return {k: f[k][()] for k in f}
 
 
-def test_similarity_and_index_match_the_programs(corpus, tmp_path):  # noqa: F811
+def test_similarity_and_index_match_the_programs(corpus, tmp_path):
   feats = _features(corpus['features'])
   cli_index = str(tmp_path / 'cli')
   assert index.main([f'--index={cli_index}', f'--features={corpus["features"]}', '--noprogress']) == 0
@@ -62,7 +62,7 @@ def _readme_example():
   return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 
-def test_the_readme_example_runs_as_written(clips_index, tmp_path):  # noqa: F811
+def test_the_readme_example_runs_as_written(clips_index, tmp_path):
   work = tmp_path / 'work'
   (work / 'ckpt').mkdir(parents=True)
   os.symlink(clips_index['checkpoint'], work / 'ckpt' / 'hapvr')

@@ -11,7 +11,7 @@ import pytest
 from common_jax.index_dir import IndexDir
 from hapvr_jax import index
 from tests.conftest import ROOT
-from tests.hapvr.search_fixtures import corpus, run_error, snapshot, tree_digest  # noqa: F401
+from tests.hapvr.search_fixtures import run_error, snapshot, tree_digest
 
 ALL = [f'v{k:02d}' for k in range(10)]
 
@@ -30,20 +30,20 @@ def _cli(*argv, kill_at=None):
 
 
 @pytest.fixture(scope='module')
-def one_go(corpus, tmp_path_factory):  # noqa: F811
+def one_go(corpus, tmp_path_factory):
   path = str(tmp_path_factory.mktemp('one_go') / 'ix')
   _index(f'--index={path}', f'--features={corpus["features"]}')
   return snapshot(path)
 
 
-def test_one_build_holds_every_video_with_metadata(corpus, one_go):  # noqa: F811
+def test_one_build_holds_every_video_with_metadata(corpus, one_go):
   assert sorted(k for k in one_go if k != '<faiss>') == ALL
   meta = one_go['v03'][0]
   assert meta['path'] == f'{os.path.abspath(corpus["features"])}:v03' and meta['fps'] == 1.0
   assert meta['frames'] == meta['duration'] > 0
 
 
-def test_batches_removals_and_re_adds_equal_one_build(corpus, one_go, tmp_path):  # noqa: F811
+def test_batches_removals_and_re_adds_equal_one_build(corpus, one_go, tmp_path):
   path = str(tmp_path / 'ix')
   _index(f'--index={path}', f'--features={corpus["features"]}', '--batch=3')
   _index(f'--index={path}', '--remove=v02,v07,v09')
@@ -55,7 +55,7 @@ def test_batches_removals_and_re_adds_equal_one_build(corpus, one_go, tmp_path):
 
 
 @pytest.mark.parametrize('point', ['index_dir.segment_written@2', 'index_dir.committed@2'])
-def test_a_killed_build_resumes_to_the_same_index(corpus, one_go, tmp_path, point):  # noqa: F811
+def test_a_killed_build_resumes_to_the_same_index(corpus, one_go, tmp_path, point):
   path = str(tmp_path / 'ix')
   args = [f'--index={path}', f'--features={corpus["features"]}', '--batch=3']
   killed = _cli(*args, kill_at=point)
@@ -68,7 +68,7 @@ def test_a_killed_build_resumes_to_the_same_index(corpus, one_go, tmp_path, poin
   assert sorted(os.listdir(os.path.join(path, 'segments'))) == sorted(e['segment'] for e in log)   # no orphan
 
 
-def test_a_torn_log_line_is_ignored_and_cut_off(corpus, one_go, tmp_path):  # noqa: F811
+def test_a_torn_log_line_is_ignored_and_cut_off(corpus, one_go, tmp_path):
   path = str(tmp_path / 'ix')
   _index(f'--index={path}', f'--features={corpus["features"]}', '--batch=4')
   with open(os.path.join(path, 'log.jsonl'), 'ab') as f:
@@ -79,7 +79,7 @@ def test_a_torn_log_line_is_ignored_and_cut_off(corpus, one_go, tmp_path):  # no
   assert snapshot(path) == one_go
 
 
-def test_several_hosts_then_merge_equal_one_host(corpus, one_go, tmp_path):  # noqa: F811
+def test_several_hosts_then_merge_equal_one_host(corpus, one_go, tmp_path):
   base = str(tmp_path / 'ix')
   for k in range(3):
     _index(f'--index={base}', f'--features={corpus["features"]}', '--num_shards=3', f'--shard_index={k}')
@@ -89,7 +89,7 @@ def test_several_hosts_then_merge_equal_one_host(corpus, one_go, tmp_path):  # n
   assert snapshot(base) == one_go
 
 
-def test_bad_input_is_one_error_and_leaves_the_index_untouched(corpus, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_one_error_and_leaves_the_index_untouched(corpus, tmp_path, capsys):
   path = str(tmp_path / 'ix')
   _index(f'--index={path}', f'--features={corpus["features"]}')
   before = tree_digest(path)

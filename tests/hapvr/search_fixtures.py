@@ -128,22 +128,16 @@ def make_resnet(path, pca_dims=0, seed=0):
 
 
 def fitted_resnet(path, videos, pca_dims=32, seed=0):
-  """A tiny random resnet50_irmac whose PCA whitening is fitted on the iRMAC descriptors of `videos`' frames:
-  with a random PCA the random backbone's features collapse to one direction and every video looks alike."""
-  from backbones import registry, resnet as resnet_lib
-  from hapvr_jax import index as index_lib
-  raw_dir, raw_cfg = make_resnet(str(path) + '_raw', pca_dims=0, seed=seed)
-  runner = index_lib.features_fn(registry.load(raw_dir))
-  for v in videos:
-    runner.add(v, index_lib.decode_video(v, 1.0)[0])
-  x = np.concatenate([out.reshape(-1, raw_cfg.irmac_dims) for _, out in runner.flush()])
-  mean = x.mean(0)
-  d, V = np.linalg.eigh(np.cov((x - mean).T))
-  cfg = dataclasses.replace(raw_cfg, pca_dims=pca_dims)
-  params = dict(resnet_lib.init_params(raw_cfg, seed))
-  params['pca'] = resnet_lib.pca_params({'mean': mean, 'd': d, 'V': V}, cfg)
-  registry.save(str(path), 'resnet50_irmac', params, cfg)
-  return str(path), cfg
+  """A tiny random resnet50_irmac whose PCA whitening is fitted (backbones.fit_pca) on the iRMAC regions of
+  `videos`' frames: with a random PCA the random backbone's features collapse to one direction."""
+  from backbones import fit_pca, registry, resnet as resnet_lib
+  from extraction.runner import Video
+  cfg = dataclasses.replace(resnet_lib.Config.tiny(), pca_dims=pca_dims)
+  net = registry.Backbone('resnet50_irmac', cfg, resnet_lib.init_params(cfg, seed))
+  pca = fit_pca.fit_frames(net, fit_pca.video_frames([Video(str(k), v) for k, v in enumerate(videos)], 1.0))
+  net = fit_pca.with_pca(net, pca, pca_dims)
+  registry.save(str(path), 'resnet50_irmac', net.params, net.config)
+  return str(path), net.config
 
 
 @pytest.fixture(scope='session')

@@ -12,7 +12,7 @@ import pytest
 from hapvr_jax import evaluate, index, search, synthetic
 from configs import common as config_common
 from tests import video_fixtures
-from tests.hapvr.search_fixtures import clips_index, corpus, make_checkpoint, run_error, tree_digest  # noqa: F401
+from tests.hapvr.search_fixtures import make_checkpoint, run_error, tree_digest
 
 
 def _search(out, *argv):
@@ -29,7 +29,7 @@ def _search(out, *argv):
 def fivr(tmp_path_factory):
   """A synthetic FIVR-format corpus scored by hapvr_jax.evaluate, and an index of its feature file."""
   tmp = tmp_path_factory.mktemp('fivr')
-  data = synthetic.make_fivr_corpus(str(tmp / 'data'), num_queries=2, num_database=16, dims=32, seed=1)
+  data = synthetic.make_fivr_corpus(str(tmp / 'data'), num_queries=1, num_database=10, dims=32, seed=1)
   ckpt = make_checkpoint(tmp / 'ckpt', dims=32, seed=3)
   c = config_common.hapvr_eval_config('fivr_5k')
   c.features, c.annotations, c.checkpoint = data['features'], data['annotations'], ckpt
@@ -45,40 +45,41 @@ def fivr(tmp_path_factory):
   return {'sims': sims, 'index': ix, 'ckpt': ckpt, 'queries': str(queries), 'data': data, 'tmp': tmp}
 
 
-def test_shortlist_all_equals_evaluate(fivr, tmp_path):
-  rows = _search(tmp_path, f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
+@pytest.fixture(scope='module')
+def exhaustive(fivr, tmp_path_factory):
+  return _search(tmp_path_factory.mktemp('all'), f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
                  f'--queries={fivr["queries"]}', '--shortlist=all', '--top_k=1000')
+
+
+def test_shortlist_all_equals_evaluate(fivr, exhaustive):
   data = fivr['data']
-  assert len(rows) == len(data['queries']) * (len(data['queries']) + len(data['database']))
-  for r in rows:
+  assert len(exhaustive) == len(data['queries']) * (len(data['queries']) + len(data['database']))
+  for r in exhaustive:
     if r['id'] in fivr['sims'][r['query']]:
       np.testing.assert_allclose(r['score'], fivr['sims'][r['query']][r['id']], atol=1e-5)
   for q in data['queries']:
-    scores = [r['score'] for r in rows if r['query'] == q]
+    scores = [r['score'] for r in exhaustive if r['query'] == q]
     assert scores == sorted(scores, reverse=True)
 
 
-def test_a_shortlist_re_ranks_the_coarse_best_with_the_same_scores(fivr, tmp_path):
-  full = _search(tmp_path / 'all', f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
-                 f'--queries={fivr["queries"]}', '--shortlist=all', '--top_k=1000')
-  short = _search(tmp_path / 'short', f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
-                  f'--queries={fivr["queries"]}', '--shortlist=25%', '--top_k=3')
-  exact = {(r['query'], r['id']): r for r in full}
-  for q in fivr['data']['queries']:
-    mine = [r for r in short if r['query'] == q]
-    assert [r['rank'] for r in mine] == [1, 2, 3]
-    best_coarse = sorted((r for r in full if r['query'] == q), key=lambda r: -r['coarse_score'])[:5]
-    assert {r['id'] for r in mine} <= {r['id'] for r in best_coarse}   # 25% of 18 videos: 5 candidates
-    for r in mine:
-      np.testing.assert_allclose(r['score'], exact[(q, r['id'])]['score'], atol=1e-6)
+def test_a_shortlist_re_ranks_the_coarse_best_with_the_same_scores(fivr, exhaustive, tmp_path):
   q = fivr['data']['queries'][0]
-  floor = sorted(r['score'] for r in full if r['query'] == q)[-2]
+  full = [r for r in exhaustive if r['query'] == q]
+  short = _search(tmp_path / 'short', f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
+                  f'--query_id={q}', '--shortlist=40%', '--top_k=3')
+  assert [r['rank'] for r in short] == [1, 2, 3]
+  best_coarse = sorted(full, key=lambda r: -r['coarse_score'])[:5]   # 40% of 11 videos: 5 candidates
+  assert {r['id'] for r in short} <= {r['id'] for r in best_coarse}
+  exact = {r['id']: r['score'] for r in full}
+  for r in short:
+    np.testing.assert_allclose(r['score'], exact[r['id']], atol=1e-6)
+  floor = sorted(r['score'] for r in full)[-2]
   kept = _search(tmp_path / 'min', f'--index={fivr["index"]}', f'--checkpoint={fivr["ckpt"]}',
                  f'--query_id={q}', f'--min_score={floor}', '--shortlist=all')
-  assert [r['id'] for r in kept] == [r['id'] for r in full if r['query'] == q][:2]
+  assert [r['id'] for r in kept] == [r['id'] for r in full][:2]
 
 
-def test_bad_input_is_one_error_and_leaves_the_index_untouched(fivr, corpus, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_one_error_and_leaves_the_index_untouched(fivr, corpus, tmp_path, capsys):
   ix = fivr['index']
   bad_video = video_fixtures.make_corrupt(str(tmp_path / 'broken.mp4'))
   empty = str(tmp_path / 'empty')
@@ -112,7 +113,7 @@ def test_bad_input_is_one_error_and_leaves_the_index_untouched(fivr, corpus, tmp
     assert code == 2 and f'{name}: corrupt' in err and len(err.splitlines()) == 1, err
 
 
-def test_real_clips_an_edited_copy_finds_its_source_first(clips_index, tmp_path, capsys):  # noqa: F811
+def test_real_clips_an_edited_copy_finds_its_source_first(clips_index, tmp_path, capsys):
   queries = tmp_path / 'queries.txt'
   queries.write_text(''.join(f'{p}\n' for p in clips_index['copies'].values()))
   rows = _search(tmp_path, f'--index={clips_index["index"]}', f'--checkpoint={clips_index["checkpoint"]}',
