@@ -305,6 +305,20 @@ class IndexDir:
 
 
 # ----------------------------------------------------------------------------------------------- FAISS
+@contextlib.contextmanager
+def _omp_threads(n: int):
+  """FAISS on `n` OpenMP threads (0: unchanged). Training a small index on several threads of a busy
+  machine spends seconds in OpenMP's spin-waits (measured: 12.6 s on 2 threads, 0.05 s on one)."""
+  import faiss
+  before = faiss.omp_get_max_threads()
+  if n:
+    faiss.omp_set_num_threads(n)
+  try:
+    yield
+  finally:
+    faiss.omp_set_num_threads(before)
+
+
 class FloatIndex:
   """Inner-product search over float vectors with FAISS: exact (IndexFlatIP) for small collections,
   IVF-PQ (approximate, ~`pq_m` bytes a vector) for millions. Rows are the positions of the vectors given
@@ -318,6 +332,11 @@ class FloatIndex:
             nprobe: int = 16) -> 'FloatIndex':
     import faiss
     x = np.ascontiguousarray(vectors, np.float32)
+    with _omp_threads(1 if len(x) < 200_000 else 0):
+      return cls._build(faiss, x, kind, nlist, pq_m, nprobe)
+
+  @classmethod
+  def _build(cls, faiss, x, kind, nlist, pq_m, nprobe) -> 'FloatIndex':
     d = x.shape[1]
     if kind == 'flat':
       index = faiss.IndexFlatIP(d)
@@ -329,6 +348,7 @@ class FloatIndex:
                             f'({len(x)} given); use the flat index for small collections')
       nbits = int(min(8, max(4, np.log2(len(x) / 39))))   # PQ codebooks of 2**nbits need ~39x training points
       index = faiss.index_factory(d, f'IVF{nlist},PQ{pq_m}x{nbits}', faiss.METRIC_INNER_PRODUCT)
+      index.do_polysemous_training = False   # Hamming pre-filtering codes, unused here: most of the training time
       index.train(x)
       index.nprobe = nprobe
     else:
@@ -342,7 +362,8 @@ class FloatIndex:
   def search(self, queries: np.ndarray, k: int):
     """(scores [Q, k], rows [Q, k]) best first; rows are -1 past the end."""
     q = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
-    return self.index.search(q, max(1, min(k, len(self))))
+    with _omp_threads(1 if len(self) * len(q) < 10_000_000 else 0):
+      return self.index.search(q, max(1, min(k, len(self))))
 
   def save(self, path: str) -> None:
     import faiss

@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from common_jax import cli
+from common_jax import cli, faults
 from common_jax.index_dir import FloatIndex, IndexDir, IndexDirError
 from extraction import runner as extraction
 from hapvr_jax import coarse
@@ -84,6 +84,7 @@ def refresh_coarse(ix: IndexDir, force: bool = False) -> FloatIndex | None:
   descriptors = ix.stack('coarse', ix.ids())
   index = FloatIndex.build(descriptors, ix.config.get('coarse_index', 'flat'))
   index.save(path)   # then the info: a kill between the two leaves the info stale, so the file is rebuilt
+  faults.point('hapvr_index.coarse_saved')
   io_util.write_json(info_path, {'version': ix.version, 'videos': len(ix), 'kind': index.kind})
   return index
 

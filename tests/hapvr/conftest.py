@@ -1,2 +1,2 @@
 """Fixtures shared by the index, search and API tests (one instance per test session)."""
-from tests.hapvr.search_fixtures import clips_index, corpus  # noqa: F401
+from tests.hapvr.search_fixtures import checkpoint32, clips_index, corpus  # noqa: F401

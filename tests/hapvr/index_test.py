@@ -131,3 +131,29 @@ def test_documented_commands_parse_and_help_shows_an_example(capsys):
       importlib.import_module(name).main(['--help'])
     out = capsys.readouterr().out
     assert e.value.code == 0 and f'\n  python -m {name} --' in out and '\nrequired: --' in out
+
+
+def test_a_kill_between_the_faiss_file_and_its_record_rebuilds_it(corpus, one_go, tmp_path):
+  path = str(tmp_path / 'ix')
+  _index(f'--index={path}', f'--features={corpus["features"]}')
+  killed = _cli(f'--index={path}', '--remove=v04', kill_at='hapvr_index.coarse_saved')
+  assert killed.returncode == -9
+  ix = IndexDir.open(path)
+  assert len(ix) == 9 and len(index.refresh_coarse(ix)) == 9   # the record said 10: rebuilt, not trusted
+  _index(f'--index={path}', f'--features={corpus["features"]}')
+  assert snapshot(path) == one_go
+
+
+def test_the_ivfpq_option_finds_near_duplicates_and_small_collections_are_told_to_use_flat():
+  import numpy as np
+  from common_jax.index_dir import FloatIndex, IndexDirError
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1200, 32)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  ivf = FloatIndex.build(x, 'ivfpq')
+  assert ivf.kind == 'ivfpq' and len(ivf) == 1200
+  noisy = x[:50] + 0.05 * rng.normal(size=(50, 32)).astype(np.float32)
+  _, rows = ivf.search(noisy, 5)
+  assert np.mean([k in r for k, r in enumerate(rows)]) >= 0.9
+  with pytest.raises(IndexDirError, match='use the flat index'):
+    FloatIndex.build(x[:100], 'ivfpq')

@@ -48,8 +48,13 @@ def make_checkpoint(path, dims=DIMS, seed=0, averaging_comparator=False):
 @pytest.fixture(scope='session')
 def corpus(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('search_corpus')
-  return {'features': write_features(tmp / 'features.h5'), 'checkpoint': make_checkpoint(tmp / 'ckpt'),
+  return {'features': write_features(tmp / 'features.h5'),
           'features_64': write_features(tmp / 'features_64.h5', n=2, dims=64, prefix='w'), 'tmp': tmp}
+
+
+@pytest.fixture(scope='session')
+def checkpoint32(tmp_path_factory):
+  return make_checkpoint(tmp_path_factory.mktemp('ckpt32') / 'ckpt')
 
 
 def snapshot(path):

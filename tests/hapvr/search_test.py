@@ -12,7 +12,7 @@ import pytest
 from hapvr_jax import evaluate, index, search, synthetic
 from configs import common as config_common
 from tests import video_fixtures
-from tests.hapvr.search_fixtures import make_checkpoint, run_error, tree_digest
+from tests.hapvr.search_fixtures import make_checkpoint, make_resnet, run_error, tree_digest
 
 
 def _search(out, *argv):
@@ -124,3 +124,8 @@ def test_real_clips_an_edited_copy_finds_its_source_first(clips_index, tmp_path,
     mine = [r for r in rows if r['query'] == os.path.splitext(os.path.basename(copy))[0]]
     assert mine[0]['id'] == source and mine[0]['path'] == os.path.join(clips_index['folder'], source + '.mp4')
     assert mine[0]['score'] > mine[1]['score'] and len(mine) == 2
+  other, _ = make_resnet(tmp_path / 'other_resnet', pca_dims=16)   # not the backbone that built the index
+  copy = next(iter(clips_index['copies'].values()))
+  code, err = run_error(search.main, [f'--index={clips_index["index"]}', f'--checkpoint={clips_index["checkpoint"]}',
+                                      f'--resnet={other}', f'--query={copy}', f'--output={tmp_path}/bad'], capsys)
+  assert code == 2 and 'other_resnet: this backbone makes 16-dim features' in err and len(err.splitlines()) == 1
