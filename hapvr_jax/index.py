@@ -26,7 +26,8 @@ import tqdm
 from absl import flags
 
 from common_jax import cli, faults
-from common_jax.index_dir import FloatIndex, IndexDir, IndexDirError
+from common_jax.float_index import FloatIndex
+from common_jax.index_dir import IndexDir, IndexDirError
 from extraction import runner as extraction
 from hapvr_jax import coarse
 

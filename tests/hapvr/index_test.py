@@ -146,7 +146,7 @@ def test_a_kill_between_the_faiss_file_and_its_record_rebuilds_it(corpus, one_go
 
 def test_the_ivfpq_option_finds_near_duplicates_and_small_collections_are_told_to_use_flat():
   import numpy as np
-  from common_jax.index_dir import FloatIndex, IndexDirError
+  from common_jax.float_index import FloatIndex, FloatIndexError
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1200, 32)).astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -155,5 +155,5 @@ def test_the_ivfpq_option_finds_near_duplicates_and_small_collections_are_told_t
   noisy = x[:50] + 0.05 * rng.normal(size=(50, 32)).astype(np.float32)
   _, rows = ivf.search(noisy, 5)
   assert np.mean([k in r for k, r in enumerate(rows)]) >= 0.9
-  with pytest.raises(IndexDirError, match='use the flat index'):
+  with pytest.raises(FloatIndexError, match='use the flat index'):
     FloatIndex.build(x[:100], 'ivfpq')
