@@ -215,6 +215,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_float('min_score', float('-inf'), 'drop results scoring below this', flag_values=fv)
   flags.DEFINE_string('output', '.', 'folder for results.jsonl and results.csv', flag_values=fv)
   flags.DEFINE_bool('progress', True, 'show progress bars', flag_values=fv)
+  flags.DEFINE_string('compilation_cache', os.environ.get('JAX_COMPILATION_CACHE_DIR') or '~/.cache/hapvr_jax/xla',
+                      "persistent XLA compilation cache ('' = off): later searches skip compiling",
+                      flag_values=fv)
 
 
 def run(args) -> dict:
@@ -236,6 +239,7 @@ def run(args) -> dict:
   t0 = time.time()
   queries = query_features(ix, items, args.resnet)
   timings['query_features_s'] = time.time() - t0
+  cli.enable_compilation_cache(args.compilation_cache)
   engine = engine_lib.Engine(model_config, params, mesh_lib.make_mesh(devices=jax.local_devices()))
   results = search(ix, engine, queries, shortlist, args.top_k, args.min_score, args.progress, timings)
   jsonl, csv_path = write_results(args.output, results)
