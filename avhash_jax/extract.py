@@ -40,7 +40,7 @@ def audio_inputs(wave: np.ndarray, times: np.ndarray, mode: str, window: float, 
     pieces = video_io.equal_chunks(wave, len(times))
   else:
     pieces = video_io.audio_windows(wave, times, rate=fbank.SAMPLE_RATE, window=window)
-  # NumPy on the decoding threads (about 10 ms per window); a window under 25 ms is all padding.
+  # NumPy on the decoding threads, beside the accelerator's work; a window under 25 ms is all padding.
   return np.stack([fbank.ast_input_numpy(p, max_length=max_length) for p in pieces]).astype(np.float32)
 
 

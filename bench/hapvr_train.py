@@ -11,7 +11,7 @@ AdamW with the original schedule.
 
   * JAX: hapvr_jax.train_step.make_train_step (jit, state donated, batch sharded over every local device),
     the batch put on the devices once;
-  * PyTorch: tests/torch_train_reference.torch_train_step — the original's style (full [N, N, T, T, T]
+  * PyTorch: tests/references/hapvr_train_torch.torch_train_step — the original's style (full [N, N, T, T, T]
     inner-AP tensors, every loss on full tensors, torch.optim.AdamW), on CUDA when available, otherwise on the
     CPU with torch.set_num_threads(os.cpu_count()); `--torch_autocast=fp16` runs it like the original's
     use_fp16 path (autocast + GradScaler; CUDA only).
@@ -22,13 +22,7 @@ rate from an analytic count — frame-to-frame 2 R^2 D T^2 and the comparator CN
 pair, plus the attention, times 3 for forward + backward — against a large matmul of the step's dtype and
 precision timed in the same run (the practical peak of the device).
 
-Measured (2-core Xeon CPU, default sizes, quiet machine, 3 runs): JAX median step 302-321 ms (3.1-3.3 steps/s,
-100-106 clips/s), PyTorch reference 354-376 ms (2.7-2.8 steps/s); ratio jax/torch 1.15-1.23x; JAX 36-39
-GFLOP/s useful = 0.24-0.30 of a float32 matmul timed in the same run (121-163 GFLOP/s); compile 6 s. On this
-CPU both sides are dominated by the comparator's backward pass. Before the comparator's max pooling was
-written as reshape + max (XLA:CPU's select-and-scatter gradient of nn.max_pool was 3x slower), the ratio was
-0.83-1.23x, median 0.91x. Timings on a 2-core machine only mean something when nothing else runs: a
-concurrent job slows the 2-thread PyTorch side up to 10x.
+Figures, with their commands and devices: docs/performance.md.
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def make_optimizer(optim) -> optax.GradientTransformation:
 # ------------------------------------------------------------------------------------------------- losses
 def max_positive_pairs(n_clips: int, factor: float) -> int:
   """Static size of the positive-pair list of a group: Y has N diagonal ones, 2B weak/strong ones and a few
-  more per ViV mix (~3N in all); pairs beyond this are counted in `inner_ap/overflow` and left out."""
+  more per ViV mix (~3N in all); pairs beyond this are counted in `inner_ap_overflow` and left out."""
   return int(math.ceil(factor * n_clips))
 
 

@@ -12,7 +12,7 @@ name of this module; `input_pipeline.hapvr.hdf5_views` shares its checks. Nothin
   OUT/dataset_info.json, OUT/features.json       TFDS metadata (below); this code never reads them
 
 Records are written with group_size:1 (one record per chunk: true random access, what Grain expects) and,
-by default, uncompressed: fp16 features gain ~8% from zstd but read ~5x slower. A record is
+by default, uncompressed: zstd shrinks float16 features little and slows reading a lot. A record is
 
   b'HAPVRv1\0' | uint32 LE header length H | H bytes JSON header (space-padded so the payload starts at a
   multiple of 8) | regions [T, R, D] float16 LE | teacher [T, C] float16 LE
