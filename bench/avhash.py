@@ -45,7 +45,7 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import numpy as np  # noqa: E402
 
-from bench.common import load, matmul_peak, median_time, memory_bandwidth  # noqa: E402
+from bench.common import load, matmul_peak, memory_bandwidth, stepper, warm_then_time  # noqa: E402
 
 N_NEG = 4
 
@@ -124,12 +124,7 @@ def bench_train(a, out):
 
   torch_one()
   torch_first = float(losses[0])
-  for _ in range(a.warmup):
-    torch_one()
-  sync()
-  out['load_average_torch'] = load()
-  print(f'  torch timing, load average {out["load_average_torch"]}')
-  torch_med, torch_min = median_time(torch_one, sync, a.steps)
+  torch_med, torch_min, out['load_average_torch'] = warm_then_time('torch', torch_one, sync, a.warmup, a.steps)
   tt.clear()
   if tdev.type == 'cuda':
     torch.cuda.empty_cache()
@@ -146,20 +141,10 @@ def bench_train(a, out):
   compile_s = time.perf_counter() - t0
   cost = step.cost_analysis()
   xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get('flops', 0.0))
-  holder = {}
-  holder['state'], metrics = step(state, dbatch)
+  state, metrics = step(state, dbatch)
   jax_first = float(metrics['loss'])
-
-  def jax_one():
-    holder['state'], holder['metrics'] = step(holder['state'], dbatch)
-
-  jax_sync = lambda: jax.block_until_ready(holder['state'])
-  for _ in range(a.warmup):
-    jax_one()
-  jax_sync()
-  out['load_average_jax'] = load()
-  print(f'  jax timing, load average {out["load_average_jax"]}')
-  jax_med, jax_min = median_time(jax_one, jax_sync, a.steps)
+  jax_med, jax_min, out['load_average_jax'] = warm_then_time('jax', *stepper(step, state, dbatch), a.warmup,
+                                                             a.steps)
   peak = matmul_peak()
 
   # --- report ---------------------------------------------------------------------------------------------

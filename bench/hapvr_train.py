@@ -87,34 +87,6 @@ def step_flops(groups, clips, frames, dims):
   return 3 * groups * forward_flops(clips, frames, dims)   # backward ~ 2x forward
 
 
-# ------------------------------------------------------------------------------------------------- timing
-def median_step_time(run_one, sync, steps):
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    run_one()
-    sync()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), float(np.min(times))
-
-
-def matmul_peak(dtype, precision, n=4096, k=None):
-  """FLOP/s of a large jnp.dot in the step's dtype and precision, timed here (median of 5)."""
-  import jax
-  import jax.numpy as jnp
-  k = k or n
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, k), dtype)
-  b = jax.random.normal(jax.random.PRNGKey(1), (k, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, precision=precision))
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n * n * k / float(np.median(times))
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--sources', type=int, default=8, help='B: source videos per loss group (N = 2B clips)')
@@ -143,6 +115,7 @@ def main():
   import torch
   from tests.references import hapvr_torch as ref
   from tests.references import hapvr_train_torch as tref
+  from bench import common
   from common_jax import mesh as mesh_lib
   from configs import vcdb
   from hapvr_jax import train_step as ts
@@ -202,10 +175,7 @@ def main():
       return loss
 
     torch_first_loss = float(torch_one())
-    for _ in range(a.warmup):
-      torch_one()
-    sync()
-    torch_med, torch_min = median_step_time(torch_one, sync, a.steps)
+    torch_med, torch_min, _ = common.warm_then_time('torch', torch_one, sync, a.warmup, a.steps)
     del model, optimizer, tbatch, torch_net
     if torch_device.type == 'cuda':
       torch.cuda.empty_cache()   # give the reference's [N, N, T, T, T] tensors back before JAX runs
@@ -224,22 +194,13 @@ def main():
   state, metrics = step_fn(state, device_batch)
   jax_first_loss = float(metrics['loss'])
   cold = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def jax_one():
-    holder['state'], holder['metrics'] = step_fn(holder['state'], device_batch)
-
-  jax_sync = lambda: jax.block_until_ready(holder['state'])
-  for _ in range(a.warmup):
-    jax_one()
-  jax_sync()
-  jax_med, jax_min = median_step_time(jax_one, jax_sync, a.steps)
+  jax_med, jax_min, _ = common.warm_then_time('jax', *common.stepper(step_fn, state, device_batch), a.warmup,
+                                              a.steps)
 
   # --- report ---------------------------------------------------------------------------------------------
-  dtype = jnp.float32 if a.compute_dtype == 'float32' else jnp.bfloat16
-  precision = jax.lax.Precision.HIGHEST if a.compute_dtype == 'float32' else jax.lax.Precision.DEFAULT
-  peak = matmul_peak(dtype, precision, n=8192 if dev.platform == 'gpu' else 4096,
-                     k=None if dev.platform == 'gpu' else 512)
+  precision = 'highest' if a.compute_dtype == 'float32' else 'default'
+  peak = common.matmul_peak(8192 if dev.platform == 'gpu' else 4096, a.compute_dtype, precision,
+                            k=None if dev.platform == 'gpu' else 512)
   rate = flops / jax_med
 
   print(f'{"":28s} {"step ms (median/min)":>22s} {"steps/s":>9s} {"clips/s":>9s}')
