@@ -197,6 +197,18 @@ def run(main):
   app.run(main, flags_parser=parse_config_flags)
 
 
+def run_config_program(body, config_help: str, workdir_help: str) -> None:
+  """The `if __name__ == '__main__':` body of a program with a config file: defines --config (a locked
+  ml_collections config file) and --workdir, then runs `body(config, workdir)` through `run`. The flags are
+  defined here, not at import, so that tests can import the `run` of every such program in one process."""
+  from absl import flags
+  from ml_collections import config_flags
+  flags.disclaim_key_flags()   # the flags belong to the calling program: its --help lists them
+  config = config_flags.DEFINE_config_file('config', None, config_help, lock_config=True)
+  workdir = flags.DEFINE_string('workdir', None, workdir_help)
+  run(lambda argv: body(config.value, workdir.value))
+
+
 def run_training(train_fn, config, workdir: str, training_error, example: str, validate=None):
   """The shared body of the training entry points: checks --workdir/--config, the config's values
   (`validate(config)`) and the workdir before anything is written, keeps Orbax's per-save INFO lines off the

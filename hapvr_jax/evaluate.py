@@ -23,16 +23,10 @@ import os
 import shutil
 import time
 
-from absl import flags
-from ml_collections import config_flags
-
 from common_jax import cli
 from common_jax import io_util
 from hapvr_jax import validate
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Evaluation config file (configs/fivr_5k.py, ...).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder for metrics.json and the other outputs.')
 OUTPUTS = ('metrics.json', 'similarities.pk', 'pr_curves.png')
 
 
@@ -159,10 +153,6 @@ def run(config, workdir) -> int:
   return 0
 
 
-def main(argv):
-  del argv
-  return run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run_config_program(run, 'Evaluation config file (configs/fivr_5k.py, ...).',
+                         'Output folder for metrics.json and the other outputs.')
