@@ -223,17 +223,7 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
 
 def run(config, workdir) -> int:
   """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
-  if not workdir:
-    return cli.fail('--workdir is required')
-  if config is None:
-    return cli.fail('--config is required (configs/fcvid.py or configs/activitynet.py)')
-  with cli.clear_errors(workdir):
-    cli.check_workdir(workdir)
-    # A failed run must not leave an earlier run's results looking like its own.
-    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
-    _check_config(config)
-    from common_jax import distributed
-    distributed.maybe_initialize()
+  with cli.evaluation(config, workdir, 'configs/fcvid.py', OUTPUTS, _check_config):
     m = evaluate(config, workdir)
   ks = [int(k) for k in config.ks]
   print(f'{m["dataset"]} {m["bits"]} bits: {m["num_queries"]} queries vs {m["num_database"]} database videos')

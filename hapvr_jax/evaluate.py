@@ -124,19 +124,9 @@ def evaluate(config, workdir: str) -> dict:
 
 def run(config, workdir) -> int:
   """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
-  if not workdir:
-    return cli.fail('--workdir is required')
-  if config is None:
-    return cli.fail('--config is required (e.g. --config=configs/fivr_5k.py:demo)')
   t0 = time.time()
-  from common_jax import distributed
   from hapvr_jax import engine_state
-  with cli.clear_errors(workdir):
-    cli.check_workdir(workdir)
-    # A failed run must not leave an earlier run's results looking like its own.
-    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
-    validate.evaluation(config)
-    distributed.maybe_initialize()
+  with cli.evaluation(config, workdir, 'configs/fivr_5k.py:demo', OUTPUTS, validate.evaluation):
     try:
       metrics = evaluate(config, workdir)
     except engine_state.Stopped as e:
