@@ -61,9 +61,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv=None) -> int:
-  args = cli.parse_flags(define_flags, argv, __doc__)
-  with cli.clear_errors():
-    return extract(args)
+  return extraction.program_main(define_flags, extract, argv, __doc__)
 
 
 def extract(args) -> int:
