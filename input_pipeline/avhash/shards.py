@@ -96,7 +96,7 @@ def decode_av_record(data: bytes, where: str = 'record') -> Tuple[str, np.ndarra
 
 # ----------------------------------------------------------------------------------------------- writer
 
-class AVShardWriter:
+class AVShardWriter(record_dir.VideoShardWriter):
   """Writes a shard directory; nothing appears at `directory` until `close()` succeeds.
 
     with AVShardWriter('shards/fcvid', records_per_shard=4096, dtype='float16') as w:
@@ -107,6 +107,7 @@ class AVShardWriter:
   `with` block it is removed instead. `frames`/`dim`, when given, fix the expected shape; otherwise the first
   video's shape is expected of all.
   """
+  error = AVShardError
 
   def __init__(self, directory: str, name: str = 'avhash', records_per_shard: int = 4096,
                dtype: str = 'float32', frames: Optional[int] = None, dim: Optional[int] = None):
@@ -116,19 +117,8 @@ class AVShardWriter:
       raise AVShardError(f'dtype {dtype!r}: expected one of {sorted(DTYPES)}')
     self.name, self.dtype = name, dtype
     self._shape = None if frames is None or dim is None else (int(frames), int(dim))
-    self._out = record_dir.RecordDir(directory, records_per_shard, WRITE_OPTIONS, error=AVShardError)
-    self.directory = self._out.directory
-    self._ids, self._seen = [], set()
-    self.summary = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is None:
-      self.close()
-    else:
-      self.abort()
+    super().__init__(directory, records_per_shard, WRITE_OPTIONS)
+    self._ids = []
 
   def _prepare(self, video_id: str, kind: str, x) -> np.ndarray:
     x = np.asarray(x)
@@ -151,12 +141,7 @@ class AVShardWriter:
 
   def add(self, video_id: str, image, audio) -> int:
     """Validates and writes one video; returns its global record index."""
-    if not self._out.open:
-      raise AVShardError('AVShardWriter: already closed')
-    if not isinstance(video_id, str) or not video_id:
-      raise AVShardError(f'video id {video_id!r}: must be a non-empty string')
-    if video_id in self._seen:
-      raise AVShardError(f'video {video_id!r} was added twice (duplicate video id)')
+    self._check_new(video_id)
     image = self._prepare(video_id, 'image', image)
     if self._shape is None:
       self._shape = image.shape
@@ -166,28 +151,18 @@ class AVShardWriter:
     self._ids.append(video_id)
     return index
 
-  def abort(self) -> None:
-    """Discards everything written so far."""
-    self._out.abort()
+  def _filename(self, index: int, count: int) -> str:
+    return av_shard_filename(self.name, index, count)
 
-  def close(self) -> dict:
-    """Names the shard files, writes index.json and renames the folder into place; returns the summary."""
-    if not self._out.open:
-      return self.summary
-    if not self._ids:
-      self.abort()
-      raise AVShardError(f'{self.directory}: no videos were added; nothing written')
+  def _write_index(self, folder, files):
+    head = {'format': FORMAT, 'version': VERSION, 'name': self.name, 'frames': self._shape[0],
+            'dim': self._shape[1], 'dtype': self.dtype, 'records': len(self._ids), 'shards': files}
+    with open(os.path.join(folder, INDEX), 'w') as f:  # one id per line: readable and diffable
+      f.write(json.dumps(head, indent=1)[:-2] + ',\n "ids": [\n')
+      f.write(',\n'.join(json.dumps(v) for v in self._ids) + '\n ]\n}\n')
 
-    def write_index(folder, files):
-      head = {'format': FORMAT, 'version': VERSION, 'name': self.name, 'frames': self._shape[0],
-              'dim': self._shape[1], 'dtype': self.dtype, 'records': len(self._ids), 'shards': files}
-      with open(os.path.join(folder, INDEX), 'w') as f:  # one id per line: readable and diffable
-        f.write(json.dumps(head, indent=1)[:-2] + ',\n "ids": [\n')
-        f.write(',\n'.join(json.dumps(v) for v in self._ids) + '\n ]\n}\n')
-    files = self._out.commit(lambda i, n: av_shard_filename(self.name, i, n), write_index)
-    self.summary = {'directory': self.directory, 'videos': len(self._ids), 'shards': len(files),
-                    'bytes': self._out.nbytes()}
-    return self.summary
+  def _summary(self, files) -> dict:
+    return {'videos': len(self._ids), 'shards': len(files)}
 
 
 # ----------------------------------------------------------------------------------------------- reader
@@ -198,29 +173,17 @@ class AVShardFeatures:
   def __init__(self, directory: str, frames: Optional[int] = None, dim: Optional[int] = None):
     self.directory = directory
     path = os.path.join(directory, INDEX)
-    if not os.path.isdir(directory):
-      raise AVShardError(f'{directory}: AV shard directory not found')
-    if not os.path.isfile(path):
-      raise AVShardError(f'{directory}: no {INDEX} here (not an AV shard directory? write one with '
-                         f'python -m input_pipeline.avhash.make_shards)')
+    index = record_dir.read_index(directory, INDEX, FORMAT, VERSION, 'AVHash shard',
+                                  'input_pipeline.avhash.make_shards', AVShardError)
     try:
-      with open(path) as f:
-        index = json.load(f)
-      if not isinstance(index, dict) or index.get('format') != FORMAT:
-        raise AVShardError(f'{path}: not an AVHash shard index (format '
-                           f'{index.get("format") if isinstance(index, dict) else None!r}, expected {FORMAT!r})')
-      if index.get('version') != VERSION:
-        raise AVShardError(f'{path}: index version {index.get("version")!r}; this code reads version {VERSION}')
       self.shape = (int(index['frames']), int(index['dim']))
       self.dtype = str(index['dtype'])
       self._files = [os.path.join(directory, str(s['file'])) for s in index['shards']]
       self._counts = [int(s['records']) for s in index['shards']]
       self._ids = [str(v) for v in index['ids']]
       records = int(index['records'])
-    except AVShardError:
-      raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-      raise AVShardError(f'{path}: unreadable or malformed index ({type(e).__name__}: {e})') from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise AVShardError(f'{path}: malformed index ({type(e).__name__}: {e})') from e
     if self.dtype not in DTYPES:
       raise AVShardError(f'{path}: dtype {self.dtype!r}; expected one of {sorted(DTYPES)}')
     if not self._ids or records != len(self._ids) or sum(self._counts) != records:

@@ -288,21 +288,6 @@ def write_metadata(directory: str, head: dict, videos: List[dict], counts: List[
 
 def read_index(directory: str) -> dict:
   """The shards.json of a shard directory, checked for format and version (not yet for content)."""
-  path = os.path.join(directory, INDEX)
-  if not os.path.isdir(directory):
-    raise ShardError(f'{directory}: shard directory not found')
-  if not os.path.isfile(path):
-    raise ShardError(f'{directory}: no {INDEX} index here (not a shard directory? write one with '
-                     f'python -m input_pipeline.hapvr.make_shards)')
-  try:
-    with open(path) as f:
-      index = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ShardError(f'{path}: unreadable index ({e})') from e
-  if not isinstance(index, dict) or index.get('format') != FORMAT:
-    raise ShardError(f'{path}: not a HAP-VR shard index (format '
-                     f'{index.get("format") if isinstance(index, dict) else None!r}, expected {FORMAT!r})')
-  if index.get('version') != VERSION:
-    raise ShardError(f'{path}: index version {index.get("version")!r}; this code reads version {VERSION} '
-                     f'(rewrite the shards with python -m input_pipeline.hapvr.make_shards)')
-  return index
+  from input_pipeline import record_dir  # pylint: disable=g-import-not-at-top
+  return record_dir.read_index(directory, INDEX, FORMAT, VERSION, 'HAP-VR shard', 'input_pipeline.hapvr.make_shards',
+                               ShardError)
