@@ -11,7 +11,8 @@ Nothing appears at `directory` until `commit` succeeds: records go to `shard-000
 folder beside it; `commit` closes the last file, renames the files to `filename(i, count)`, lets the caller
 write its index into the folder, and renames the folder onto `directory` (which must be absent or empty). Any
 failure in between removes the folder. `VideoShardWriter` is the part of the two writers around it (a `with`
-block, video-id checks, close and abort); `read_index` reads back their JSON index.
+block, video-id checks, close and abort); `read_index` reads back their JSON index; `pack_record` and
+`unpack_record` frame their records (magic, JSON header, arrays).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from typing import Callable, Dict, List, Type
 
@@ -176,3 +178,33 @@ def read_index(directory: str, name: str, fmt: str, version: int, what: str, com
     raise error(f'{path}: index version {index.get("version")!r}; this code reads version {version} '
                 f'(rewrite the shards with python -m {command})')
   return index
+
+
+# A record: 8-byte magic | uint32 LE header length H | H bytes of JSON header, space-padded so that the
+# payload starts at a multiple of 8 | the arrays, in the dtypes the header names.
+_HEAD = struct.Struct('<8sI')
+
+
+def pack_record(magic: bytes, header: dict, *payload: bytes) -> bytes:
+  text = json.dumps(header, separators=(',', ':'), allow_nan=False).encode()
+  text += b' ' * (-(_HEAD.size + len(text)) % 8)
+  return b''.join((_HEAD.pack(magic, len(text)), text, *payload))
+
+
+def unpack_record(data: bytes, magic: bytes, what: str, where: str, check, error: Type[Exception] = ValueError):
+  """(header, payload offset) of a `pack_record` record. A wrong magic (`what` names the record kind) or a
+  header that does not parse or fails `check(header)` (False, or a KeyError/TypeError/ValueError) is an
+  `error` naming `where`."""
+  if len(data) < _HEAD.size or bytes(data[:8]) != magic:
+    raise error(f'{where}: not {what} (bad magic {bytes(data[:8])!r}; corrupt or foreign file)')
+  (_, size), start = _HEAD.unpack_from(data), _HEAD.size
+  if start + size > len(data):
+    raise error(f'{where}: header length {size} exceeds the record size {len(data)} (corrupt record)')
+  try:
+    header = json.loads(bytes(data[start:start + size]))
+    ok = check(header)
+  except (ValueError, KeyError, TypeError) as e:
+    raise error(f'{where}: unreadable record header ({e!r}; corrupt record)') from e
+  if not ok:
+    raise error(f'{where}: invalid record header {header} (corrupt record)')
+  return header, start + size

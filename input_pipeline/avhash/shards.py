@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import re
-import struct
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +41,6 @@ FORMAT, VERSION, INDEX = 'avhash-av-shards', 1, 'index.json'
 WRITE_OPTIONS = 'group_size:1,uncompressed'
 READ_OPTIONS = 'readahead_buffer_size:0,max_parallelism:0'  # tuned for random access
 DTYPES = {'float32': '<f4', 'float16': '<f2'}
-_HEAD = struct.Struct('<8sI')
 
 
 class AVShardError(data_lists.AVFeatureError):
@@ -62,33 +60,24 @@ def encode_av_record(video_id: str, image: np.ndarray, audio: np.ndarray, dtype:
   code = DTYPES[dtype]
   frames, dim = image.shape
   header = {'id': video_id, 'frames': int(frames), 'dim': int(dim), 'dtype': code}
-  text = json.dumps(header, separators=(',', ':')).encode()
-  text += b' ' * (-(_HEAD.size + len(text)) % 8)
-  return b''.join((_HEAD.pack(MAGIC, len(text)), text, np.ascontiguousarray(image, code).tobytes(),
-                   np.ascontiguousarray(audio, code).tobytes()))
+  return record_dir.pack_record(MAGIC, header, np.ascontiguousarray(image, code).tobytes(),
+                                np.ascontiguousarray(audio, code).tobytes())
+
+
+def _valid_header(header) -> bool:
+  return (isinstance(header['id'], str) and header['dtype'] in DTYPES.values()
+          and all(isinstance(header[k], int) and header[k] > 0 for k in ('frames', 'dim')))
 
 
 def decode_av_record(data: bytes, where: str = 'record') -> Tuple[str, np.ndarray, np.ndarray]:
   """(video_id, image float32 [frames, dim], audio float32); validates magic, header and payload size."""
-  if len(data) < _HEAD.size or bytes(data[:8]) != MAGIC:
-    raise AVShardError(f'{where}: not an AVHash feature record (bad magic {bytes(data[:8])!r}; corrupt file)')
-  (_, size), start = _HEAD.unpack_from(data), _HEAD.size
-  if start + size > len(data):
-    raise AVShardError(f'{where}: header length {size} exceeds the record size {len(data)} (corrupt record)')
-  try:
-    header = json.loads(bytes(data[start:start + size]))
-    vid, frames, dim, code = header['id'], header['frames'], header['dim'], header['dtype']
-    ok = (isinstance(vid, str) and code in DTYPES.values()
-          and all(isinstance(n, int) and n > 0 for n in (frames, dim)))
-  except (ValueError, KeyError, TypeError) as e:
-    raise AVShardError(f'{where}: unreadable record header ({e!r}; corrupt record)') from e
-  if not ok:
-    raise AVShardError(f'{where}: invalid record header {header} (corrupt record)')
+  header, offset = record_dir.unpack_record(data, MAGIC, 'an AVHash feature record', where, _valid_header,
+                                            AVShardError)
+  vid, frames, dim, code = header['id'], header['frames'], header['dim'], header['dtype']
   n, itemsize = frames * dim, np.dtype(code).itemsize
-  if len(data) != start + size + 2 * n * itemsize:
-    raise AVShardError(f'{where}: record has {len(data) - start - size} payload bytes; header shape '
+  if len(data) != offset + 2 * n * itemsize:
+    raise AVShardError(f'{where}: record has {len(data) - offset} payload bytes; header shape '
                        f'[{frames}, {dim}] {code} x 2 needs {2 * n * itemsize} (corrupt record)')
-  offset = start + size
   image = np.frombuffer(data, code, n, offset).reshape(frames, dim).astype(np.float32)
   audio = np.frombuffer(data, code, n, offset + n * itemsize).reshape(frames, dim).astype(np.float32)
   return vid, image, audio
