@@ -60,10 +60,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   extraction.define_flags(fv)
 
 
-def main(argv=None) -> int:
-  return extraction.program_main(define_flags, extract, argv, __doc__)
-
-
 def extract(args) -> int:
   videos, num_shards, shard_index = extraction.this_host(args)
   paths = {'image': extraction.shard_path(args.image_output, num_shards, shard_index),
@@ -150,6 +146,10 @@ def extract(args) -> int:
   writer.commit()
   print(json.dumps({**paths, **stats, 'no_audio_zero_vectors': len(silent), 'failures': failures.summary()}))
   return 1 if args.strict and failures.failures else 0
+
+
+def main(argv=None) -> int:
+  return extraction.program_main(define_flags, extract, argv, __doc__)
 
 
 if __name__ == '__main__':
