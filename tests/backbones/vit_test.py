@@ -53,6 +53,22 @@ def assert_same_tree(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))
 
 
+def assert_matches_reference(mod, fn, params, cfg, dim):
+  """The Flax model on three preprocessed frames: [3, dim] float32, equal to the torch reference `fn`."""
+  x = np.asarray(mod.preprocess(frames(cfg), cfg))
+  out, ref = run(mod, params, cfg, x), fn(x)
+  assert out.shape == (3, dim) and out.dtype == np.float32
+  np.testing.assert_allclose(out, ref, **TOL)
+
+
+def assert_layouts_agree(mod, refs):
+  """Every layout converts to the same params, in the tree Model.init creates."""
+  trees = [mod.convert(sd, num_heads=2)[0] for _, sd in refs.values()]
+  for tree in trees[1:]:
+    assert_same_tree(tree, trees[0])
+  assert param_shapes(mod, mod.Config.tiny()) == jax.tree.map(np.shape, trees[0])
+
+
 @pytest.fixture(scope='module')
 def dino_refs():
   return {layout: dino_torch.build(dino.Config.tiny(), SEED, layout) for layout in dino_torch.LAYOUTS}
@@ -72,17 +88,11 @@ def test_dino_matches_torch(dino_refs, layout, normalize):
   fn, sd = dino_refs[layout]
   params, cfg = dino.convert(sd, num_heads=2, normalize=normalize)
   assert cfg == dataclasses.replace(dino.Config.tiny(), normalize=normalize)
-  x = np.asarray(dino.preprocess(frames(cfg), cfg))
-  out, ref = run(dino, params, cfg, x), fn(x)
-  assert out.shape == (3, cfg.hidden_size) and out.dtype == np.float32
-  np.testing.assert_allclose(out, ref, **TOL)
+  assert_matches_reference(dino, fn, params, cfg, cfg.hidden_size)
 
 
 def test_dino_layouts_give_identical_params(dino_refs):
-  base, _ = dino.convert(dino_refs['official'][1], num_heads=2)
-  for layout in ('hf', 'hf4'):
-    assert_same_tree(dino.convert(dino_refs[layout][1], num_heads=2)[0], base)
-  assert param_shapes(dino, dino.Config.tiny()) == jax.tree.map(np.shape, base)
+  assert_layouts_agree(dino, dino_refs)
 
 
 def test_dino_wrappers_and_prefixes(dino_refs):
@@ -164,16 +174,11 @@ def test_clip_matches_torch(clip_refs, layout):
   fn, sd = clip_refs[layout]
   params, cfg = clip.convert(sd, num_heads=2)
   assert cfg == clip.Config.tiny()
-  x = np.asarray(clip.preprocess(frames(cfg), cfg))
-  out, ref = run(clip, params, cfg, x), fn(x)
-  assert out.shape == (3, cfg.projection_dim) and out.dtype == np.float32
-  np.testing.assert_allclose(out, ref, **TOL)
+  assert_matches_reference(clip, fn, params, cfg, cfg.projection_dim)
 
 
 def test_clip_layouts_give_identical_params(clip_refs):
-  base, _ = clip.convert(clip_refs['openai'][1], num_heads=2)
-  assert_same_tree(clip.convert(clip_refs['hf'][1], num_heads=2)[0], base)
-  assert param_shapes(clip, clip.Config.tiny()) == jax.tree.map(np.shape, base)
+  assert_layouts_agree(clip, clip_refs)
 
 
 def test_clip_full_models_accepted(clip_refs):
