@@ -69,6 +69,19 @@ def assert_layouts_agree(mod, refs):
   assert param_shapes(mod, mod.Config.tiny()) == jax.tree.map(np.shape, trees[0])
 
 
+def assert_bad_keys_one_error(mod, sd, where, missing, bad, bad_shape, good_shape, extra):
+  """`missing` deleted, `bad` given `bad_shape`, `extra` added: one ConversionError names all three and `where`."""
+  sd = dict(sd)
+  del sd[missing]
+  sd[bad] = np.zeros(bad_shape, np.float32)
+  sd[extra] = np.zeros(2, np.float32)
+  with pytest.raises(ConversionError) as e:
+    mod.convert(sd, where=where, num_heads=2)
+  msg = str(e.value)
+  assert where in msg and f'missing key {missing}' in msg and f'unexpected key {extra}' in msg
+  assert f'{bad}: shape {list(bad_shape)}, expected {good_shape}' in msg
+
+
 @pytest.fixture(scope='module')
 def dino_refs():
   return {layout: dino_torch.build(dino.Config.tiny(), SEED, layout) for layout in dino_torch.LAYOUTS}
@@ -112,18 +125,10 @@ def test_dino_wrappers_and_prefixes(dino_refs):
 
 @pytest.mark.parametrize('layout', dino_torch.LAYOUTS)
 def test_dino_bad_keys_one_error(dino_refs, layout):
-  sd = dict(dino_refs[layout][1])
   qkv = {'official': 'blocks.1.attn.qkv.weight', 'hf': 'layers.1.attention.k_proj.weight',
          'hf4': 'encoder.layer.1.attention.attention.key.weight'}[layout]
   fc2 = {'official': 'blocks.0.mlp.fc2.bias', 'hf': 'layers.0.mlp.fc2.bias', 'hf4': 'encoder.layer.0.output.dense.bias'}
-  del sd[qkv]
-  sd[fc2[layout]] = np.zeros(31, np.float32)
-  sd['extra.weight'] = np.zeros(2, np.float32)
-  with pytest.raises(ConversionError) as e:
-    dino.convert(sd, where='ckpt.pth', num_heads=2)
-  msg = str(e.value)
-  assert 'ckpt.pth' in msg and f'missing key {qkv}' in msg and 'unexpected key extra.weight' in msg
-  assert f'{fc2[layout]}: shape [31], expected [32]' in msg
+  assert_bad_keys_one_error(dino, dino_refs[layout][1], 'ckpt.pth', qkv, fc2[layout], (31,), '[32]', 'extra.weight')
 
 
 def test_dino_config_inference():
@@ -216,20 +221,13 @@ def test_clip_full_models_accepted(clip_refs):
 
 @pytest.mark.parametrize('layout', clip_torch.LAYOUTS)
 def test_clip_bad_keys_one_error(clip_refs, layout):
-  sd = dict(clip_refs[layout][1])
   if layout == 'openai':
     missing, bad, good_shape = 'visual.transformer.resblocks.1.attn.in_proj_bias', 'visual.ln_post.weight', '[32]'
   else:
     missing, bad, good_shape = 'vision_model.encoder.layers.1.self_attn.v_proj.bias', 'visual_projection.weight', \
         '[16, 32]'
-  del sd[missing]
-  sd[bad] = np.zeros((16, 31) if layout == 'hf' else (5,), np.float32)
-  sd['visual.extra'] = np.zeros(2, np.float32)
-  with pytest.raises(ConversionError) as e:
-    clip.convert(sd, where='ViT-L-14.pt', num_heads=2)
-  msg = str(e.value)
-  assert 'ViT-L-14.pt' in msg and f'missing key {missing}' in msg and 'unexpected key visual.extra' in msg
-  assert f'{bad}: shape {"[16, 31]" if layout == "hf" else "[5]"}, expected {good_shape}' in msg
+  assert_bad_keys_one_error(clip, clip_refs[layout][1], 'ViT-L-14.pt', missing, bad,
+                            (16, 31) if layout == 'hf' else (5,), good_shape, 'visual.extra')
 
 
 def test_clip_config_inference_preprocess_and_bf16(clip_refs):
