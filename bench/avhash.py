@@ -39,7 +39,7 @@ import os
 import sys
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 

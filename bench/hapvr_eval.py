@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 import h5py  # noqa: E402

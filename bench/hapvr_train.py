@@ -31,7 +31,7 @@ import os
 import sys
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 # JAX and PyTorch share the GPU: JAX allocates on demand instead of reserving most of the memory up front.
