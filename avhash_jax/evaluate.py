@@ -33,16 +33,12 @@ import time
 from typing import Sequence
 
 import numpy as np
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from avhash_jax import validate
 from common_jax import cli
 from common_jax import io_util
 
-# The absl flags are defined only when run as a program (define_flags), so that importing this module
-# (tests, the trainer's reuse of extract_codes) never collides with other entry points' --config/--workdir.
-_CONFIG = _WORKDIR = None
 OUTPUTS = ('metrics.json', 'codes.h5', 'pr_curve.png')
 LIST_FORMAT = {'fcvid': 'fcvid', 'actnet': 'activitynet', 'activitynet': 'activitynet'}
 
@@ -225,26 +221,9 @@ def evaluate(config, workdir: str, mesh=None) -> dict:
   return out
 
 
-def define_flags():
-  global _CONFIG, _WORKDIR
-  _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Config file (configs/fcvid.py, configs/activitynet.py).', lock_config=True)
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder for metrics.json, codes.h5 and pr_curve.png.')
-
-
 def run(config, workdir) -> int:
   """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
-  if not workdir:
-    return cli.fail('--workdir is required')
-  if config is None:
-    return cli.fail('--config is required (configs/fcvid.py or configs/activitynet.py)')
-  with cli.clear_errors(workdir):
-    cli.check_workdir(workdir)
-    # A failed run must not leave an earlier run's results looking like its own.
-    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
-    _check_config(config)
-    from common_jax import distributed
-    distributed.maybe_initialize()
+  with cli.evaluation(config, workdir, 'configs/fcvid.py', OUTPUTS, _check_config):
     m = evaluate(config, workdir)
   ks = [int(k) for k in config.ks]
   print(f'{m["dataset"]} {m["bits"]} bits: {m["num_queries"]} queries vs {m["num_database"]} database videos')
@@ -257,11 +236,6 @@ def run(config, workdir) -> int:
   return 0
 
 
-def main(argv):
-  del argv
-  return run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == '__main__':
-  define_flags()
-  cli.run(main)
+  cli.run_config_program(run, 'Config file (configs/fcvid.py, configs/activitynet.py).',
+                         'Output folder for metrics.json, codes.h5 and pr_curve.png.')

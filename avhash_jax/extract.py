@@ -40,7 +40,7 @@ def audio_inputs(wave: np.ndarray, times: np.ndarray, mode: str, window: float, 
     pieces = video_io.equal_chunks(wave, len(times))
   else:
     pieces = video_io.audio_windows(wave, times, rate=fbank.SAMPLE_RATE, window=window)
-  # NumPy on the decoding threads (about 10 ms per window); a window under 25 ms is all padding.
+  # NumPy on the decoding threads, beside the accelerator's work; a window under 25 ms is all padding.
   return np.stack([fbank.ast_input_numpy(p, max_length=max_length) for p in pieces]).astype(np.float32)
 
 
@@ -58,12 +58,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('batch_size', 100, 'frames per CLIP batch', flag_values=fv, lower_bound=1)
   flags.DEFINE_integer('audio_batch_size', 50, 'segments per AST batch', flag_values=fv, lower_bound=1)
   extraction.define_flags(fv)
-
-
-def main(argv=None) -> int:
-  args = cli.parse_flags(define_flags, argv, __doc__)
-  with cli.clear_errors():
-    return extract(args)
 
 
 def extract(args) -> int:
@@ -152,6 +146,10 @@ def extract(args) -> int:
   writer.commit()
   print(json.dumps({**paths, **stats, 'no_audio_zero_vectors': len(silent), 'failures': failures.summary()}))
   return 1 if args.strict and failures.failures else 0
+
+
+def main(argv=None) -> int:
+  return extraction.program_main(define_flags, extract, argv, __doc__)
 
 
 if __name__ == '__main__':

@@ -14,24 +14,7 @@ already saved. A non-finite loss stops the run with exit code 3, naming the step
 """
 from __future__ import annotations
 
-from absl import flags
-from ml_collections import config_flags
-
 from common_jax import cli
-
-# Defined only when run as a program (define_flags), so that tests can import `run` beside the other
-# entry points' --config/--workdir.
-_CONFIG = _WORKDIR = None
-
-
-def define_flags():
-  global _CONFIG, _WORKDIR
-  _CONFIG = config_flags.DEFINE_config_file(
-      'config', None, 'Training config (configs/fcvid.py, configs/activitynet.py, configs/fcvid.py:demo).',
-      lock_config=True)
-  _WORKDIR = flags.DEFINE_string('workdir', None,
-                                 'Run directory: checkpoints, best/, test/, metrics, events.')
-
 
 def run(config, workdir) -> int:
   """Checks the config values and the workdir, then trains; bad input: one error line, exit code 2."""
@@ -44,11 +27,7 @@ def run(config, workdir) -> int:
   return 0
 
 
-def main(argv):
-  del argv
-  return run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == '__main__':
-  define_flags()
-  cli.run(main)
+  cli.run_config_program(
+      run, 'Training config (configs/fcvid.py, configs/activitynet.py, configs/fcvid.py:demo).',
+      'Run directory: checkpoints, best/, test/, metrics, events.')

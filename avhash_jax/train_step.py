@@ -32,8 +32,9 @@ from jax.sharding import NamedSharding
 from avhash_jax import losses
 from avhash_jax import model as model_lib
 from common_jax import mesh as mesh_lib
+from common_jax import train_loop
+from common_jax.train_loop import NO_STEP  # noqa: F401  (re-exported)
 
-NO_STEP = np.iinfo(np.int32).max
 BATCH_NDIM = {'image': 4, 'audio': 4, 'weight': 1}
 
 
@@ -42,8 +43,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def init_state(params, config) -> Dict[str, Any]:
-  return {'params': params, 'opt_state': make_optimizer(config).init(params),
-          'step': jnp.zeros((), jnp.int32), 'nonfinite_step': jnp.full((), NO_STEP, jnp.int32)}
+  return train_loop.new_state(params, make_optimizer(config))
 
 
 def abstract_state(model_config: model_lib.ModelConfig, config, mesh):
@@ -105,19 +105,10 @@ def _make_train_step(model_config, hyper, mesh, train):
   base_key = jax.random.key(config.seed)
 
   def step_fn(state, batch):
-    step = state['step']
-    key = jax.random.fold_in(base_key, step)
+    key = jax.random.fold_in(base_key, state['step'])
     (loss, terms), grads = jax.value_and_grad(
         lambda p: loss_fn(net, p, batch, key, config, train), has_aux=True)(state['params'])
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {'params': keep(params, state['params']), 'opt_state': keep(opt_state, state['opt_state']),
-                 'step': step + 1,
-                 'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
-                                             jnp.minimum(state['nonfinite_step'], step))}
+    new_state, grad_norm = train_loop.apply_if_finite(tx, state, loss, grads)
     metrics = {'loss': loss, **{f'loss/{k}': v for k, v in terms.items()}, 'grad_norm': grad_norm,
                'param_norm': optax.tree.norm(state['params']), 'tuples': jnp.sum(batch['weight'])}
     return new_state, metrics

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from common_jax import config_util
 from backbones import vit_layers as vl
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,7 +44,7 @@ BLOCK_NAMES = ('ln_1', 'attn', 'in_proj', 'out_proj', 'ln_2', 'mlp', 'c_fc', 'c_
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(config_util.JsonConfig):
+class Config(vl.ImageConfig):
   image_size: int = 224
   patch_size: int = 14
   width: int = 1024
@@ -59,22 +58,11 @@ class Config(config_util.JsonConfig):
     vl.check_dims('width', self.width, self.num_heads, self.image_size, self.patch_size)
 
   @classmethod
-  def full(cls) -> 'Config':
-    return cls()
-
-  @classmethod
   def tiny(cls) -> 'Config':
     return cls(image_size=28, patch_size=14, width=32, layers=2, num_heads=2, mlp_dim=128, projection_dim=16)
 
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
 
-
-class Transformer(nn.Module):
-  config: Config
-  dtype: Any = jnp.float32
-  precision: Any = None
+class Transformer(vl.ConfigModule):
 
   @nn.compact
   def __call__(self, x):
@@ -85,11 +73,8 @@ class Transformer(nn.Module):
     return x
 
 
-class Model(nn.Module):
+class Model(vl.ConfigModule):
   """x: preprocessed frames [B, H, W, 3] float (H = W = image_size) -> image_embeds [B, E] float32 (unnormalised)."""
-  config: Config
-  dtype: Any = jnp.float32
-  precision: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -101,9 +86,8 @@ class Model(nn.Module):
     p = c.patch_size
     t = nn.Conv(c.width, (p, p), strides=(p, p), padding='VALID', use_bias=False, dtype=self.dtype,
                 param_dtype=jnp.float32, precision=self.precision, name='conv1')(x.astype(self.dtype))
-    t = t.reshape(t.shape[0], -1, c.width)
-    t = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (t.shape[0], 1, c.width)), t], axis=1)
-    t = vl.layer_norm(c.layer_norm_eps, 'ln_pre', self.dtype)(t + pos.astype(self.dtype))
+    t = vl.with_class_token(t.reshape(t.shape[0], -1, c.width), cls, pos, self.dtype)
+    t = vl.layer_norm(c.layer_norm_eps, 'ln_pre', self.dtype)(t)
     t = Transformer(c, self.dtype, self.precision, name='transformer')(t)
     h = vl.layer_norm(c.layer_norm_eps, 'ln_post', self.dtype)(t[:, 0])
     proj = self.param('proj', init, (c.width, c.projection_dim), jnp.float32)
@@ -224,22 +208,14 @@ def convert(state_dict: Mapping[str, Any], where: str = 'checkpoint', num_heads:
   """(params, Config) from a CLIP state_dict in either layout (see the module docstring)."""
   sd = vl.flat_state_dict(state_dict, where)
   layout, ignore, depth_pattern = detect(sd, where)
+  what = f'{WHAT}, {"transformers" if layout == "hf" else "OpenAI"} layout'
   src = {key: sources[0] for key, sources, _ in source_rows(layout, 1)}     # where the sizes are read from
-  vl.need(sd, [src['conv1.weight'], src['positional_embedding'], src['proj']], where, WHAT)
-  w = sd[src['conv1.weight']]
-  if np.ndim(w) != 4 or w.shape[2] != w.shape[3]:
-    raise vl.ConversionError(f'{where}: patch projection has shape {list(np.shape(w))}, expected [W, 3, P, P]')
-  width, patch = int(w.shape[0]), int(w.shape[2])
-  grid = vl.grid_of(int(np.shape(sd[src['positional_embedding']])[0]), where)
+  vl.need(sd, [src['proj']], where, what)
+  width, patch, grid, mlp, layers = vl.sizes_of(sd, src['conv1.weight'], src['positional_embedding'],
+                                                src[RB.format(n=0) + 'mlp.c_fc.weight'], depth_pattern, where, what)
   proj = np.shape(sd[src['proj']])
   proj_dim = int(proj[0] if layout == 'hf' else proj[-1])
-  fc = src[RB.format(n=0) + 'mlp.c_fc.weight']
-  mlp = int(np.shape(sd[fc])[0]) if fc in sd else 4 * width
-  layers = vl.depth_of(sd, depth_pattern)
-  if layers == 0:
-    raise vl.ConversionError(f'{where} does not match {WHAT}: no transformer blocks found')
   cfg = Config(image_size=grid * patch, patch_size=patch, width=width, layers=layers,
                num_heads=vl.default_heads(width, num_heads), mlp_dim=mlp, projection_dim=proj_dim)
-  what = f'{WHAT}, {"transformers" if layout == "hf" else "OpenAI"} layout'
   canonical = vl.gather(sd, source_rows(layout, layers), canonical_shapes(cfg), where, what, ignore)
   return vl.tree_from(canonical, table(layers)), cfg

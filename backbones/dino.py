@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from common_jax import config_util
 from backbones import vit_layers as vl
 
 NORMALIZE = ('none', 'imagenet')
@@ -46,7 +45,7 @@ WHAT = 'a DINO ViT (official or transformers ViTModel layout)'
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(config_util.JsonConfig):
+class Config(vl.ImageConfig):
   image_size: int = 224
   patch_size: int = 16
   hidden_size: int = 384
@@ -62,22 +61,11 @@ class Config(config_util.JsonConfig):
     vl.check_dims('hidden_size', self.hidden_size, self.num_heads, self.image_size, self.patch_size)
 
   @classmethod
-  def full(cls) -> 'Config':
-    return cls()
-
-  @classmethod
   def tiny(cls) -> 'Config':
     return cls(image_size=32, patch_size=8, hidden_size=32, depth=2, num_heads=2, mlp_dim=128)
 
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
 
-
-class PatchEmbed(nn.Module):
-  config: Config
-  dtype: Any = jnp.float32
-  precision: Any = None
+class PatchEmbed(vl.ConfigModule):
 
   @nn.compact
   def __call__(self, x):
@@ -87,11 +75,8 @@ class PatchEmbed(nn.Module):
     return y.reshape(y.shape[0], -1, y.shape[-1])       # row-major (h, w), as torch's flatten(2)
 
 
-class Model(nn.Module):
+class Model(vl.ConfigModule):
   """x: preprocessed frames [B, H, W, 3] float (H = W = image_size) -> CLS after the final LayerNorm [B, D] float32."""
-  config: Config
-  dtype: Any = jnp.float32
-  precision: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -101,8 +86,7 @@ class Model(nn.Module):
     cls = self.param('cls_token', init, (1, 1, c.hidden_size), jnp.float32)
     pos = self.param('pos_embed', init, (1, 1 + c.grid ** 2, c.hidden_size), jnp.float32)
     t = PatchEmbed(c, self.dtype, self.precision, name='patch_embed')(x.astype(self.dtype))
-    t = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (t.shape[0], 1, t.shape[-1])), t], axis=1)
-    t = t + pos.astype(self.dtype)
+    t = vl.with_class_token(t, cls, pos, self.dtype)
     for n in range(c.depth):
       t = vl.Block(c.num_heads, c.mlp_dim, c.layer_norm_eps, 'gelu', dtype=self.dtype, precision=self.precision,
                    name=f'blocks_{n}')(t)
@@ -219,20 +203,11 @@ def convert(state_dict: Mapping[str, Any], where: str = 'checkpoint', num_heads:
   """(params, Config) from a DINO ViT state_dict in any supported layout (see the module docstring)."""
   sd = vl.flat_state_dict(state_dict, where)
   layout, sd, ignore = detect(sd, where)
+  what = f'{WHAT}, {layout} layout'
   src = {key: sources[0] for key, sources, _ in source_rows(layout, 1)}     # where the sizes are read from
-  vl.need(sd, [src['pos_embed'], src['patch_embed.proj.weight']], where, WHAT)
-  w = sd[src['patch_embed.proj.weight']]
-  if np.ndim(w) != 4 or w.shape[2] != w.shape[3]:
-    raise vl.ConversionError(f'{where}: patch projection has shape {list(np.shape(w))}, expected [D, 3, P, P]')
-  width, patch = int(w.shape[0]), int(w.shape[2])
-  grid = vl.grid_of(int(np.shape(sd[src['pos_embed']])[-2]), where)
-  fc1 = src['blocks.0.mlp.fc1.weight']
-  mlp = int(np.shape(sd[fc1])[0]) if fc1 in sd else 4 * width
-  depth = vl.depth_of(sd, DEPTH_PATTERN[layout])
-  if depth == 0:
-    raise vl.ConversionError(f'{where} does not match {WHAT}: no transformer blocks ({layout} layout) found')
+  width, patch, grid, mlp, depth = vl.sizes_of(sd, src['patch_embed.proj.weight'], src['pos_embed'],
+                                               src['blocks.0.mlp.fc1.weight'], DEPTH_PATTERN[layout], where, what)
   cfg = Config(image_size=grid * patch, patch_size=patch, hidden_size=width, depth=depth,
                num_heads=vl.default_heads(width, num_heads), mlp_dim=mlp, normalize=normalize)
-  canonical = vl.gather(sd, source_rows(layout, depth), canonical_shapes(cfg), where, f'{WHAT}, {layout} layout',
-                        ignore)
+  canonical = vl.gather(sd, source_rows(layout, depth), canonical_shapes(cfg), where, what, ignore)
   return vl.tree_from(canonical, table(depth)), cfg

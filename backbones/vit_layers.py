@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from common_jax import config_util
 from common_jax.convert_util import ConversionError, check_keys, state_dict_of
 
 
@@ -94,6 +95,33 @@ class Block(nn.Module):
         layer_norm(self.eps, na, self.dtype)(x))
     return x + Mlp(self.mlp_dim, self.act, (fc1, fc2), self.dtype, self.precision, name=mlp)(
         layer_norm(self.eps, nb, self.dtype)(x))
+
+
+class ImageConfig(config_util.JsonConfig):
+  """Mixin of the image ViT configs (frozen dataclasses with image_size and patch_size)."""
+
+  @classmethod
+  def full(cls):
+    """The checkpoint's size: the defaults."""
+    return cls()
+
+  @property
+  def grid(self) -> int:
+    """Patches per side."""
+    return self.image_size // self.patch_size
+
+
+class ConfigModule(nn.Module):
+  """A module built from a backbone config, with its compute dtype and matmul precision."""
+  config: Any
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+
+def with_class_token(patches, cls, pos, dtype):
+  """[CLS ; patches] + position embeddings: tokens [B, 1 + N, W] in `dtype`."""
+  b, _, w = patches.shape
+  return jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, w)), patches], axis=1) + pos.astype(dtype)
 
 
 def check_dims(width_name: str, width: int, num_heads: int, image_size: int, patch_size: int) -> None:
@@ -170,6 +198,24 @@ def need(sd: Mapping[str, np.ndarray], keys: Sequence[str], where: str, what: st
   if missing:
     raise ConversionError(f'{where} does not match {what}: missing key(s) {", ".join(missing)} '
                           f'(cannot read the model size); first keys present: {sorted(sd)[:8]}')
+
+
+def sizes_of(sd: Mapping[str, np.ndarray], patch_key: str, pos_key: str, fc_key: str, depth_pattern: str,
+             where: str, what: str):
+  """(width, patch, grid, mlp, depth) of an image ViT, read off its state_dict: the patch projection
+  [W, 3, P, P], the position table (1 + grid^2 rows), the first MLP layer (4 W when absent) and the blocks
+  that `depth_pattern` counts."""
+  need(sd, [pos_key, patch_key], where, what)
+  w = sd[patch_key]
+  if np.ndim(w) != 4 or w.shape[2] != w.shape[3]:
+    raise ConversionError(f'{where}: patch projection has shape {list(np.shape(w))}, expected [W, 3, P, P]')
+  width, patch = int(w.shape[0]), int(w.shape[2])
+  grid = grid_of(int(np.shape(sd[pos_key])[-2]), where)
+  mlp = int(np.shape(sd[fc_key])[0]) if fc_key in sd else 4 * width
+  depth = depth_of(sd, depth_pattern)
+  if depth == 0:
+    raise ConversionError(f'{where} does not match {what}: no transformer blocks found')
+  return width, patch, grid, mlp, depth
 
 
 def grid_of(num_positions: int, where: str) -> int:

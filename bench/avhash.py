@@ -6,11 +6,11 @@ against a NumPy baseline, both measured in the same run.
   python bench/avhash.py --skip_ranking --hidden=256 --heads=4 --intermediate=1024 --json=/tmp/avhash.json
 
 1. Train step. Same random batch (image/audio [B, 6, 25, H]: anchor, positive, 4 negatives; weight 1) and
-   same initial weights on both sides: tests/avhash_torch_reference.make_reference builds the PyTorch model
+   same initial weights on both sides: tests/references/avhash_torch.make_reference builds the PyTorch model
    (transformers BertModel encoders, eager attention), avhash_jax.convert.convert_state_dict maps its
    state_dict to the Flax params.
    * PyTorch: the original's step — model.train() (dropout on), three forwards (B anchors, B positives, 4B
-     negatives flattened tuple-major), L = L_V + 50 (L_AA + L_II + L_AI + L_IA) (tests/avhash_loss_test's
+     negatives flattened tuple-major), L = L_V + 50 (L_AA + L_II + L_AI + L_IA) (tests/avhash/losses_test's
      torch_avhash_loss, the info_nce 'paired' loss), backward, torch.optim.Adam(lr 1e-4, eps 1e-3); on CUDA
      when available, otherwise torch.set_num_threads(os.cpu_count()).
    * JAX: avhash_jax.train_step.make_train_step(train=True), state donated, batch put once.
@@ -29,21 +29,7 @@ against a NumPy baseline, both measured in the same run.
    the bytes of packed database scanned per second by ours (N * L / 8 per query) against a large np.copyto
    timed in the same run (read + write bytes).
 
-Measured on the 2-core Xeon development CPU (no GPU lent; JAX 0.10.2, torch 2.13 CPU), machine otherwise idle:
-`python bench/avhash.py --batch_size=4 --steps=3 --warmup=1 --queries=200` (full-size model, 97.5 GFLOP/step):
-  train (one forward over the tuples' 6B videos): JAX 1007 ms/step (0.99 steps/s, 4.0 tuples/s), PyTorch
-    (2 threads, the original's three passes) 632 ms (1.58 steps/s): ratio 0.63x. JAX runs 99 GFLOP/s (XLA
-    cost_analysis 99.4 GFLOP/step) = 0.66 of the 150 GFLOP/s float32 XLA matmul timed in the run; PyTorch's
-    MKL kernels reach ~157 GFLOP/s on the same step, above XLA:CPU's own matmul rate, so on this CPU the gap
-    is the matmul library. Not the dropout PRNG (threefry and rbg time the same). Compile 9.5 s. Eval-mode
-    losses 352.86594 vs 352.86588 (1.7e-7). (Before the single-forward step: JAX 1328 ms vs 927 ms, 0.70x,
-    compile 22 s.)
-  ranking, 200 queries x 1M x 64 bits, top-100: ours 194-240 queries/s; NumPy argpartition 70-80 q/s (ours
-    2.8-3.0x); NumPy full stable argsort 10.5-10.7 q/s (ours 18-23x); top-100 identical for every query.
-    Ours scans 1.6-1.9 GB/s of packed codes = 0.12-0.16 of the np.copyto bandwidth (12-14 GB/s): it is
-    bound by its NumPy passes over each distance row (XOR, popcount, ~7 bisection counts, two gathers).
-  A run with other jobs on both cores (load 4-6) gave torch 2-thread steps of 5-9 s (OpenMP spin-wait on
-  busy cores): --torch_threads exists to show that; quote only idle-machine numbers.
+Figures, with their commands and devices: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -53,13 +39,13 @@ import os
 import sys
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import numpy as np  # noqa: E402
 
-from bench.common import load, matmul_peak, median_time, memory_bandwidth  # noqa: E402
+from bench.common import load, matmul_peak, memory_bandwidth, stepper, warm_then_time  # noqa: E402
 
 N_NEG = 4
 
@@ -138,12 +124,7 @@ def bench_train(a, out):
 
   torch_one()
   torch_first = float(losses[0])
-  for _ in range(a.warmup):
-    torch_one()
-  sync()
-  out['load_average_torch'] = load()
-  print(f'  torch timing, load average {out["load_average_torch"]}')
-  torch_med, torch_min = median_time(torch_one, sync, a.steps)
+  torch_med, torch_min, out['load_average_torch'] = warm_then_time('torch', torch_one, sync, a.warmup, a.steps)
   tt.clear()
   if tdev.type == 'cuda':
     torch.cuda.empty_cache()
@@ -160,20 +141,10 @@ def bench_train(a, out):
   compile_s = time.perf_counter() - t0
   cost = step.cost_analysis()
   xla_flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get('flops', 0.0))
-  holder = {}
-  holder['state'], metrics = step(state, dbatch)
+  state, metrics = step(state, dbatch)
   jax_first = float(metrics['loss'])
-
-  def jax_one():
-    holder['state'], holder['metrics'] = step(holder['state'], dbatch)
-
-  jax_sync = lambda: jax.block_until_ready(holder['state'])
-  for _ in range(a.warmup):
-    jax_one()
-  jax_sync()
-  out['load_average_jax'] = load()
-  print(f'  jax timing, load average {out["load_average_jax"]}')
-  jax_med, jax_min = median_time(jax_one, jax_sync, a.steps)
+  jax_med, jax_min, out['load_average_jax'] = warm_then_time('jax', *stepper(step, state, dbatch), a.warmup,
+                                                             a.steps)
   peak = matmul_peak()
 
   # --- report ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ r"""Full-size backbones: Flax vs the PyTorch module, parity and throughput in th
   python bench/backbones.py --dtype=bfloat16      # on a GPU/TPU: the bf16 compute option and its accuracy cost
 
 For each architecture: the PyTorch reference (transformers' module at the real size, random weights, re-keyed
-into the checkpoint layout the converter reads: backbones/<arch>_torch.py) is converted with the product's
+into the checkpoint layout the converter reads: tests/references/<arch>_torch.py) is converted with the product's
 converter, both run the same preprocessed batch, and the script prints
 
   * parity: max |flax - torch| / max |torch| over the batch (float32 target: 1e-4), and per-row cosine;
@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 

@@ -27,16 +27,40 @@ def median_time(run_one, sync=lambda: None, steps: int = 5):
   return float(np.median(times)), float(np.min(times))
 
 
-def matmul_peak(n: int = 2048, dtype='float32', precision='highest') -> float:
-  """FLOP/s of an n^3 jnp.dot in `dtype` at `precision` (jax.lax.Precision name), median of 5."""
+def warm_then_time(name: str, run_one, sync, warmup: int, steps: int):
+  """(median, min, load average): `warmup` untimed runs, then `median_time`; the load average just before
+  the timing is printed beside `name`, since a busy machine explains a slow figure."""
+  for _ in range(warmup):
+    run_one()
+  sync()
+  loadavg = load()
+  print(f'  {name} timing, load average {loadavg}')
+  return (*median_time(run_one, sync, steps), loadavg)
+
+
+def stepper(step, state, batch):
+  """(run_one, sync) for timing a jitted train step that donates its state: run_one() advances the state
+  by one step on `batch`; sync() waits for it."""
+  import jax
+  holder = {'state': state}
+
+  def run_one():
+    holder['state'], holder['metrics'] = step(holder['state'], batch)
+  return run_one, lambda: jax.block_until_ready(holder['state'])
+
+
+def matmul_peak(n: int = 2048, dtype='float32', precision='highest', k: int | None = None) -> float:
+  """FLOP/s of an [n, k] x [k, n] jnp.dot (k = n by default) in `dtype` at `precision` (jax.lax.Precision
+  name), median of 5."""
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+  k = k or n
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, k), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32).astype(dtype)
   prec = getattr(jax.lax.Precision, precision.upper())
   f = jax.jit(lambda a, b: jnp.dot(a, b, precision=prec))
   f(a, b).block_until_ready()
-  return 2 * n ** 3 / median_time(lambda: f(a, b).block_until_ready(), steps=5)[0]
+  return 2 * n * n * k / median_time(lambda: f(a, b).block_until_ready(), steps=5)[0]
 
 
 def memory_bandwidth(mib: int = 512) -> float:

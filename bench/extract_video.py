@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 
 import numpy as np  # noqa: E402

@@ -14,10 +14,7 @@ frame-to-frame stage's alone against them; the split of a block's time between f
 and a projection of the full FIVR-200K evaluation (100 queries x 225,960 videos, lengths modelled as in
 bench/padding.py or read from --project_features) at the measured rate and at the matmul roofline.
 
-Measured (2-core Xeon CPU, `--queries=16 --database=96`, one run): baseline 69.0 pairs/s, engine 199.6 pairs/s
-warm (2.89x), max score difference 8.2e-10; matmul 165.8 GFLOP/s, memory 4.2 GB/s; engine 92.9 GFLOP/s (0.56),
-f2f stage 123.2 GFLOP/s (0.74), CNN 85.1 GFLOP/s (0.59 of memory); f2f 75% / CNN 25% of a 16x16 block at 76
-frames; FIVR-200K 2.36e16 useful FLOPs, 408 GB of features.
+Figures, with their commands and devices: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -27,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 import h5py  # noqa: E402

@@ -11,7 +11,7 @@ AdamW with the original schedule.
 
   * JAX: hapvr_jax.train_step.make_train_step (jit, state donated, batch sharded over every local device),
     the batch put on the devices once;
-  * PyTorch: tests/torch_train_reference.torch_train_step — the original's style (full [N, N, T, T, T]
+  * PyTorch: tests/references/hapvr_train_torch.torch_train_step — the original's style (full [N, N, T, T, T]
     inner-AP tensors, every loss on full tensors, torch.optim.AdamW), on CUDA when available, otherwise on the
     CPU with torch.set_num_threads(os.cpu_count()); `--torch_autocast=fp16` runs it like the original's
     use_fp16 path (autocast + GradScaler; CUDA only).
@@ -22,13 +22,7 @@ rate from an analytic count — frame-to-frame 2 R^2 D T^2 and the comparator CN
 pair, plus the attention, times 3 for forward + backward — against a large matmul of the step's dtype and
 precision timed in the same run (the practical peak of the device).
 
-Measured (2-core Xeon CPU, default sizes, quiet machine, 3 runs): JAX median step 302-321 ms (3.1-3.3 steps/s,
-100-106 clips/s), PyTorch reference 354-376 ms (2.7-2.8 steps/s); ratio jax/torch 1.15-1.23x; JAX 36-39
-GFLOP/s useful = 0.24-0.30 of a float32 matmul timed in the same run (121-163 GFLOP/s); compile 6 s. On this
-CPU both sides are dominated by the comparator's backward pass. Before the comparator's max pooling was
-written as reshape + max (XLA:CPU's select-and-scatter gradient of nn.max_pool was 3x slower), the ratio was
-0.83-1.23x, median 0.91x. Timings on a 2-core machine only mean something when nothing else runs: a
-concurrent job slows the 2-thread PyTorch side up to 10x.
+Figures, with their commands and devices: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -37,7 +31,7 @@ import os
 import sys
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 # JAX and PyTorch share the GPU: JAX allocates on demand instead of reserving most of the memory up front.
@@ -93,34 +87,6 @@ def step_flops(groups, clips, frames, dims):
   return 3 * groups * forward_flops(clips, frames, dims)   # backward ~ 2x forward
 
 
-# ------------------------------------------------------------------------------------------------- timing
-def median_step_time(run_one, sync, steps):
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    run_one()
-    sync()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), float(np.min(times))
-
-
-def matmul_peak(dtype, precision, n=4096, k=None):
-  """FLOP/s of a large jnp.dot in the step's dtype and precision, timed here (median of 5)."""
-  import jax
-  import jax.numpy as jnp
-  k = k or n
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, k), dtype)
-  b = jax.random.normal(jax.random.PRNGKey(1), (k, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, precision=precision))
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n * n * k / float(np.median(times))
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--sources', type=int, default=8, help='B: source videos per loss group (N = 2B clips)')
@@ -149,6 +115,7 @@ def main():
   import torch
   from tests.references import hapvr_torch as ref
   from tests.references import hapvr_train_torch as tref
+  from bench import common
   from common_jax import mesh as mesh_lib
   from configs import vcdb
   from hapvr_jax import train_step as ts
@@ -208,10 +175,7 @@ def main():
       return loss
 
     torch_first_loss = float(torch_one())
-    for _ in range(a.warmup):
-      torch_one()
-    sync()
-    torch_med, torch_min = median_step_time(torch_one, sync, a.steps)
+    torch_med, torch_min, _ = common.warm_then_time('torch', torch_one, sync, a.warmup, a.steps)
     del model, optimizer, tbatch, torch_net
     if torch_device.type == 'cuda':
       torch.cuda.empty_cache()   # give the reference's [N, N, T, T, T] tensors back before JAX runs
@@ -230,22 +194,13 @@ def main():
   state, metrics = step_fn(state, device_batch)
   jax_first_loss = float(metrics['loss'])
   cold = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def jax_one():
-    holder['state'], holder['metrics'] = step_fn(holder['state'], device_batch)
-
-  jax_sync = lambda: jax.block_until_ready(holder['state'])
-  for _ in range(a.warmup):
-    jax_one()
-  jax_sync()
-  jax_med, jax_min = median_step_time(jax_one, jax_sync, a.steps)
+  jax_med, jax_min, _ = common.warm_then_time('jax', *common.stepper(step_fn, state, device_batch), a.warmup,
+                                              a.steps)
 
   # --- report ---------------------------------------------------------------------------------------------
-  dtype = jnp.float32 if a.compute_dtype == 'float32' else jnp.bfloat16
-  precision = jax.lax.Precision.HIGHEST if a.compute_dtype == 'float32' else jax.lax.Precision.DEFAULT
-  peak = matmul_peak(dtype, precision, n=8192 if dev.platform == 'gpu' else 4096,
-                     k=None if dev.platform == 'gpu' else 512)
+  precision = 'highest' if a.compute_dtype == 'float32' else 'default'
+  peak = common.matmul_peak(8192 if dev.platform == 'gpu' else 4096, a.compute_dtype, precision,
+                            k=None if dev.platform == 'gpu' else 512)
   rate = flops / jax_med
 
   print(f'{"":28s} {"step ms (median/min)":>22s} {"steps/s":>9s} {"clips/s":>9s}')

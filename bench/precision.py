@@ -12,10 +12,11 @@ on GPUs it means TF32 (Ampere and later) and on TPUs bf16 passes, so run it on t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 
 import numpy as np  # noqa: E402

@@ -197,6 +197,41 @@ def run(main):
   app.run(main, flags_parser=parse_config_flags)
 
 
+def run_config_program(body, config_help: str, workdir_help: str) -> None:
+  """The `if __name__ == '__main__':` body of a program with a config file: defines --config (a locked
+  ml_collections config file) and --workdir, then runs `body(config, workdir)` through `run`. The flags are
+  defined here, not at import, so that tests can import the `run` of every such program in one process."""
+  from absl import flags
+  from ml_collections import config_flags
+  flags.disclaim_key_flags()   # the flags belong to the calling program: its --help lists them
+  config = config_flags.DEFINE_config_file('config', None, config_help, lock_config=True)
+  workdir = flags.DEFINE_string('workdir', None, workdir_help)
+  run(lambda argv: body(config.value, workdir.value))
+
+
+def _require(config, workdir: str, example: str) -> None:
+  if not workdir:
+    fail('--workdir is required')
+  if config is None:
+    fail(f'--config is required (e.g. --config={example})')
+
+
+@contextlib.contextmanager
+def evaluation(config, workdir: str, example: str, outputs, validate):
+  """The shared start of the evaluation entry points: checks --workdir/--config, then under `clear_errors`
+  (bad input or a file-system error: one line, exit 2) the workdir; removes the `outputs` of an earlier run,
+  since a failed run must not leave them looking like its own; checks the config's values
+  (`validate(config)`) and starts jax.distributed on multi-process launches. The body evaluates."""
+  _require(config, workdir, example)
+  with clear_errors(workdir):
+    check_workdir(workdir)
+    from common_jax import distributed, io_util
+    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in outputs))
+    validate(config)
+    distributed.maybe_initialize()
+    yield
+
+
 def run_training(train_fn, config, workdir: str, training_error, example: str, validate=None):
   """The shared body of the training entry points: checks --workdir/--config, the config's values
   (`validate(config)`) and the workdir before anything is written, keeps Orbax's per-save INFO lines off the
@@ -204,10 +239,7 @@ def run_training(train_fn, config, workdir: str, training_error, example: str, v
   file-system error: one line, exit 2) and turns `training_error` (a non-finite loss) into one line and
   exit 3. Returns the training result, or the exit code of a usage error."""
   from absl import flags, logging
-  if not workdir:
-    return fail('--workdir is required')
-  if config is None:
-    return fail(f'--config is required (e.g. --config={example})')
+  _require(config, workdir, example)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   with clear_errors(workdir):

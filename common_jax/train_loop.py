@@ -33,6 +33,32 @@ class TrainingError(RuntimeError):
   """Training cannot go on (a non-finite loss): the message names the step."""
 
 
+def new_state(params, tx) -> dict:
+  """The train state of both systems, a plain pytree that Orbax saves as is: params, the optax `tx` state
+  of them, the step and `nonfinite_step`."""
+  import jax.numpy as jnp
+  return {'params': params, 'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+          'nonfinite_step': jnp.full((), NO_STEP, jnp.int32)}
+
+
+def apply_if_finite(tx, state, loss, grads):
+  """(next state, gradient norm): one `tx` update of `state`, taken only when the loss and the gradient are
+  finite. Otherwise params and optimizer state stay as they were, and `nonfinite_step` keeps the first such
+  step for the loop to report (the step function never stops by itself: it runs inside jit)."""
+  import jax.numpy as jnp
+  import optax
+  step = state['step']
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  return {'params': keep(params, state['params']), 'opt_state': keep(opt_state, state['opt_state']),
+          'step': step + 1,
+          'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
+                                      jnp.minimum(state['nonfinite_step'], step))}, grad_norm
+
+
 class Evaluator(Protocol):
   """In-training evaluation (HAP-VR's Evaluator, AVHash's Validator): metrics of host parameters, 'mAP' and
   'eval_seconds' among them."""

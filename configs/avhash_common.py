@@ -90,8 +90,8 @@ def _demo(c) -> None:
   c.epochs = 12
   c.lr = 1e-3
   # Dropout off: from a random init, a 64-d model's CLS output carries the video only through ~3% of its
-  # norm, and 0.1 dropout noise drowns it (measured: val mAP 0.13 -> 0.15 in 144 steps with dropout, 0.61-0.75
-  # without). The full configs keep the original's dropout (and start from bert-base, see init_checkpoint).
+  # norm, and 0.1 dropout noise drowns it (the demo with and without it: docs/performance.md). The full
+  # configs keep the original's dropout (and start from bert-base, see init_checkpoint).
   c.train_dropout = False
   c.workers = 0
   c.log_every = 12

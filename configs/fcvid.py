@@ -8,11 +8,13 @@ its test-list evaluation):
       --config.train_list=lists/fcvid/train.txt --config.val_list=lists/fcvid/val.txt \
       --config.test_list=lists/fcvid/test.txt --config.init_checkpoint=ckpt/bert_init
 
-Embedded demo (SYNTHETIC class-structured features written to WORKDIR/demo_data; ~1.3 min on 2 CPU cores):
+Embedded demo (SYNTHETIC class-structured features written to WORKDIR/demo_data; runs on a CPU; its time:
+docs/performance.md):
 
   python -m avhash_jax.main --config=configs/fcvid.py:demo --workdir=/tmp/avhash_demo
 
-Expected: val mAP@all 0.13 untrained (step 0), ~0.45 after 4 epochs, 0.70-0.75 after 12; test mAP@all ~0.74.
+Expected: val mAP@all 0.13 untrained (step 0), ~0.45 after 4 epochs, a best of 0.75-0.82 by epoch 12; test
+mAP@all 0.74-0.82 (later epochs amplify rounding differences between machines).
 
 Evaluation of a converted or trained checkpoint:
 

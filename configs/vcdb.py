@@ -12,13 +12,13 @@ the same command resumes from the last checkpoint in the workdir (any device cou
 evaluated like a converted one: python -m hapvr_jax.evaluate --config=configs/fivr_5k.py
 --config.checkpoint=runs/hapvr_vcdb ...
 
-Embedded demo (fully SYNTHETIC data, written to WORKDIR/demo_data; about 2.5 minutes on 2 CPU cores):
+Embedded demo (fully SYNTHETIC data, written to WORKDIR/demo_data; runs on a CPU, docs/performance.md):
 
   python -m hapvr_jax.main --config=configs/vcdb.py:demo --workdir=/tmp/hapvr_train_demo
 
 It evaluates the untrained network and the raw-feature Chamfer baseline on a FIVR-style synthetic
 query/database split at step 0, trains, evaluates again, and writes every evaluation as a line of
-WORKDIR/metrics.jsonl. Expected (2-core CPU): raw-feature baseline mAP 0.43, untrained 0.14, trained 0.92 at
+WORKDIR/metrics.jsonl. Expected: raw-feature baseline mAP 0.43, untrained 0.14, trained 0.92 at
 step 50 and 1.00 from step 150 on.
 
 The original's per-GPU negatives: set data.groups to the number of GPUs it used (2) with

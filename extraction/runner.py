@@ -318,6 +318,15 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool('strict', False, 'exit 1 if any video failed', flag_values=fv)
 
 
+def program_main(program_flags, extract, argv, doc: str) -> int:
+  """The `main` of an extraction program: its flags (`program_flags(fv)`) parsed by `cli.parse_flags`, then
+  `extract(args)` under the one-clear-error policy; returns extract's exit code."""
+  from common_jax import cli
+  args = cli.parse_flags(program_flags, argv, doc)
+  with cli.clear_errors():
+    return extract(args)
+
+
 def backbone_identity(backbone) -> str:
   """A backbone's architecture and a sha1 of its config and weights: recorded with the features it made."""
   import jax

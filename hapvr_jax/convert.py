@@ -20,23 +20,23 @@ import numpy as np
 from absl import flags
 
 from common_jax import cli
-from common_jax.convert_util import ConversionError, to_numpy
+from common_jax.convert_util import ConversionError, check_keys, layout, put, to_numpy
 from hapvr_jax.model import ModelConfig
 
 # torch key suffix -> (flax path, transform). 'T': Linear weight [out, in] -> kernel [in, out];
-# 'OIHW': Conv2d weight -> HWIO kernel.
+# 'conv': Conv2d weight OIHW -> HWIO kernel.
 TABLE = (
     ('attention.transform.weight', ('attention', 'transform', 'kernel'), 'T'),
     ('attention.transform.bias', ('attention', 'transform', 'bias'), None),
     ('attention.context_vector.weight', ('attention', 'context_vector', 'kernel'), 'T'),
     ('binarization.W', ('binarization', 'W'), None),
-    ('comparator_module.conv1.weight', ('comparator_module', 'conv1', 'kernel'), 'OIHW'),
+    ('comparator_module.conv1.weight', ('comparator_module', 'conv1', 'kernel'), 'conv'),
     ('comparator_module.conv1.bias', ('comparator_module', 'conv1', 'bias'), None),
-    ('comparator_module.conv2.weight', ('comparator_module', 'conv2', 'kernel'), 'OIHW'),
+    ('comparator_module.conv2.weight', ('comparator_module', 'conv2', 'kernel'), 'conv'),
     ('comparator_module.conv2.bias', ('comparator_module', 'conv2', 'bias'), None),
-    ('comparator_module.conv3.weight', ('comparator_module', 'conv3', 'kernel'), 'OIHW'),
+    ('comparator_module.conv3.weight', ('comparator_module', 'conv3', 'kernel'), 'conv'),
     ('comparator_module.conv3.bias', ('comparator_module', 'conv3', 'bias'), None),
-    ('comparator_module.fconv.weight', ('comparator_module', 'fconv', 'kernel'), 'OIHW'),
+    ('comparator_module.fconv.weight', ('comparator_module', 'fconv', 'kernel'), 'conv'),
     ('comparator_module.fconv.bias', ('comparator_module', 'fconv', 'bias'), None),
 )
 
@@ -106,28 +106,12 @@ def convert_state_dict(state_dict: Mapping[str, Any], args: Any = None, where: s
   """(flax params, ModelConfig) from an original state_dict and its args namespace."""
   sd, source = normalise_keys(state_dict)
   cfg = config_from_args(args, source, sd)
-  shapes = expected_shapes(cfg)
-  problems = [f'missing key {k} (expected shape {list(s)})' for k, s in shapes.items() if k not in sd]
-  problems += [f'unexpected key {k} (shape {list(sd[k].shape)})' for k in sd if k not in shapes]
-  problems += [f'{k}: shape {list(sd[k].shape)}, expected {list(s)}'
-               for k, s in shapes.items() if k in sd and tuple(sd[k].shape) != tuple(s)]
-  if problems:
-    raise ConversionError(f'{where} does not match the {source} similarity network '
-                          f'(dims={cfg.dims}, attention={cfg.attention}, binarization={cfg.binarization}):\n  '
-                          + '\n  '.join(problems))
+  check_keys(sd, expected_shapes(cfg), where, f'the {source} similarity network (dims={cfg.dims}, '
+             f'attention={cfg.attention}, binarization={cfg.binarization})')
   params: dict = {}
   for key, path, transform in TABLE:
-    if key not in sd:
-      continue
-    value = sd[key].astype(np.float32)
-    if transform == 'T':
-      value = value.T
-    elif transform == 'OIHW':
-      value = value.transpose(2, 3, 1, 0)
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = np.ascontiguousarray(value)
+    if key in sd:   # the attention and binarization rows exist only in the networks that have them
+      put(params, path, layout(sd[key], transform))
   return params, cfg
 
 

@@ -49,7 +49,7 @@ class EngineConfig:
   min_bucket: int = 8
   query_block: int = 16           # queries per comparator group (queries of similar padded length)
   query_bucket_ratio: float = 1.5  # padded query lengths of the comparator groups (coarser: fewer groups to
-                                   # compile; only the CNN, ~15% of the time, sees query padding)
+                                   # compile; only the CNN, the smaller share of the time, sees query padding)
   max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
   max_block_targets: int = 256    # targets per jitted call, at most
   memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block

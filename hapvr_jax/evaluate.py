@@ -23,16 +23,10 @@ import os
 import shutil
 import time
 
-from absl import flags
-from ml_collections import config_flags
-
 from common_jax import cli
 from common_jax import io_util
 from hapvr_jax import validate
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Evaluation config file (configs/fivr_5k.py, ...).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder for metrics.json and the other outputs.')
 OUTPUTS = ('metrics.json', 'similarities.pk', 'pr_curves.png')
 
 
@@ -130,19 +124,9 @@ def evaluate(config, workdir: str) -> dict:
 
 def run(config, workdir) -> int:
   """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
-  if not workdir:
-    return cli.fail('--workdir is required')
-  if config is None:
-    return cli.fail('--config is required (e.g. --config=configs/fivr_5k.py:demo)')
   t0 = time.time()
-  from common_jax import distributed
   from hapvr_jax import engine_state
-  with cli.clear_errors(workdir):
-    cli.check_workdir(workdir)
-    # A failed run must not leave an earlier run's results looking like its own.
-    io_util.remove_if_exists(*(os.path.join(workdir, name) for name in OUTPUTS))
-    validate.evaluation(config)
-    distributed.maybe_initialize()
+  with cli.evaluation(config, workdir, 'configs/fivr_5k.py:demo', OUTPUTS, validate.evaluation):
     try:
       metrics = evaluate(config, workdir)
     except engine_state.Stopped as e:
@@ -159,10 +143,6 @@ def run(config, workdir) -> int:
   return 0
 
 
-def main(argv):
-  del argv
-  return run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run_config_program(run, 'Evaluation config file (configs/fivr_5k.py, ...).',
+                         'Output folder for metrics.json and the other outputs.')

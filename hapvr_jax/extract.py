@@ -115,12 +115,6 @@ def define_flags(fv: flags.FlagValues) -> None:
   extraction.define_flags(fv)
 
 
-def main(argv=None) -> int:
-  args = cli.parse_flags(define_flags, argv, __doc__)
-  with cli.clear_errors():
-    return extract(args)
-
-
 def extract(args) -> int:
   from hapvr_jax import augment  # pylint: disable=g-import-not-at-top
   videos, num_shards, shard_index = extraction.this_host(args)
@@ -202,6 +196,10 @@ def extract(args) -> int:
   print(json.dumps({'output': output, **stats, 'failures': failures.summary(),
                     'padded_frames': runner.padded_rows, 'batches': runner.batches}))
   return 1 if args.strict and failures.failures else 0
+
+
+def main(argv=None) -> int:
+  return extraction.program_main(define_flags, extract, argv, __doc__)
 
 
 if __name__ == '__main__':

@@ -58,9 +58,9 @@ def _valid_mask(n_rows, n_cols, row_len, col_len):
 
 def max_pool_2x2(x):
   """2x2/2 VALID max pooling of x [P, H, W, C] as a reshape + max: the same values as nn.max_pool, with a
-  gradient that is a cheap mask instead of XLA's select-and-scatter (3x slower on CPU, the largest part of
-  the comparator's backward pass). Ties split the gradient, but after a ReLU the only common ties are zeros,
-  whose gradient is zero either way."""
+  gradient that is a cheap mask instead of XLA's select-and-scatter (several times slower on CPU, where it
+  would be the largest part of the comparator's backward pass). Ties split the gradient, but after a ReLU the
+  only common ties are zeros, whose gradient is zero either way."""
   p, h, w, c = x.shape
   h2, w2 = h // 2, w // 2
   return x[:, :2 * h2, :2 * w2].reshape(p, h2, 2, w2, 2, c).max(axis=(2, 4))

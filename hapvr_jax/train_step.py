@@ -30,10 +30,11 @@ from jax import lax
 from jax.sharding import NamedSharding
 
 from common_jax import mesh as mesh_lib
+from common_jax import train_loop
+from common_jax.train_loop import NO_STEP  # noqa: F401  (re-exported)
 from hapvr_jax import losses
 from hapvr_jax import model as model_lib
 
-NO_STEP = np.iinfo(np.int32).max   # nonfinite_step while every step has been finite
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -62,7 +63,7 @@ def make_optimizer(optim) -> optax.GradientTransformation:
 # ------------------------------------------------------------------------------------------------- losses
 def max_positive_pairs(n_clips: int, factor: float) -> int:
   """Static size of the positive-pair list of a group: Y has N diagonal ones, 2B weak/strong ones and a few
-  more per ViV mix (~3N in all); pairs beyond this are counted in `inner_ap/overflow` and left out."""
+  more per ViV mix (~3N in all); pairs beyond this are counted in `inner_ap_overflow` and left out."""
   return int(math.ceil(factor * n_clips))
 
 
@@ -93,8 +94,7 @@ def total_loss(terms, weights) -> jax.Array:
 # -------------------------------------------------------------------------------------------------- state
 def init_state(model_config: model_lib.ModelConfig, config, seed: int) -> Dict[str, Any]:
   params = model_lib.init_params(model_config, seed=seed)
-  return {'params': params, 'opt_state': make_optimizer(config.optim).init(params),
-          'step': jnp.zeros((), jnp.int32), 'nonfinite_step': jnp.full((), NO_STEP, jnp.int32)}
+  return train_loop.new_state(params, make_optimizer(config.optim))
 
 
 def abstract_state(model_config, config, mesh):
@@ -140,18 +140,10 @@ def make_train_step(model_config: model_lib.ModelConfig, config, mesh):
   def step_fn(state, batch):
     batch = {k: v.reshape((groups, n_clips) + v.shape[1:]) for k, v in batch.items()}
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'], batch)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    step = state['step']
-    new_state = {'params': keep(params, state['params']), 'opt_state': keep(opt_state, state['opt_state']),
-                 'step': step + 1,
-                 'nonfinite_step': jnp.where(finite, state['nonfinite_step'],
-                                             jnp.minimum(state['nonfinite_step'], step))}
+    new_state, grad_norm = train_loop.apply_if_finite(tx, state, loss, grads)
     metrics = {'loss': loss, **{f'loss/{k}' if k in weights else k: v for k, v in terms.items()},
-               'grad_norm': grad_norm, 'param_norm': optax.tree.norm(state['params']), 'lr': schedule(step)}
+               'grad_norm': grad_norm, 'param_norm': optax.tree.norm(state['params']),
+               'lr': schedule(state['step'])}
     return new_state, metrics
 
   rep = mesh_lib.replicated(mesh)

@@ -10,13 +10,17 @@ Shared by the HAP-VR view shards (`input_pipeline.hapvr.shards.ShardWriter`) and
 Nothing appears at `directory` until `commit` succeeds: records go to `shard-00000.tmp`, ... in a private
 folder beside it; `commit` closes the last file, renames the files to `filename(i, count)`, lets the caller
 write its index into the folder, and renames the folder onto `directory` (which must be absent or empty). Any
-failure in between removes the folder.
+failure in between removes the folder. `VideoShardWriter` is the part of the two writers around it (a `with`
+block, video-id checks, close and abort); `read_index` reads back their JSON index; `pack_record` and
+`unpack_record` frame their records (magic, JSON header, arrays).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import struct
 import tempfile
 from typing import Callable, Dict, List, Type
 
@@ -100,3 +104,107 @@ class RecordDir:
 
   def nbytes(self) -> int:
     return sum(os.path.getsize(os.path.join(self.directory, f)) for f in os.listdir(self.directory))
+
+
+class VideoShardWriter:
+  """A shard directory written video by video; nothing appears at `directory` until `close()` succeeds.
+
+  Used in a `with` block: closed at its end, or aborted (the folder removed) on an exception. A subclass
+  validates and writes each video through `self._out` after `_check_new(video_id)`, records the id in
+  `self._seen` once written, and gives the shard file names (`_filename`), the index (`_write_index(folder,
+  files)`) and its part of the summary (`_summary(files)`).
+  """
+  error: Type[Exception] = ValueError
+
+  def __init__(self, directory: str, records_per_shard: int, options: str):
+    self._out = RecordDir(directory, records_per_shard, options, error=self.error)
+    self.directory = self._out.directory
+    self._seen = set()
+    self.summary = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+  def _check_new(self, video_id: str) -> None:
+    if not self._out.open:
+      raise self.error(f'{type(self).__name__}: already closed')
+    if not isinstance(video_id, str) or not video_id:
+      raise self.error(f'video id {video_id!r}: must be a non-empty string')
+    if video_id in self._seen:
+      raise self.error(f'video {video_id!r} was added twice (duplicate video id)')
+
+  def abort(self) -> None:
+    """Discards everything written so far."""
+    self._out.abort()
+
+  def close(self) -> dict:
+    """Names the shard files, writes the index and renames the folder into place; returns the summary."""
+    if not self._out.open:
+      return self.summary
+    if not self._seen:
+      self.abort()
+      raise self.error(f'{self.directory}: no videos were added; nothing written')
+    files = self._out.commit(self._filename, self._write_index)
+    self.summary = {'directory': self.directory, **self._summary(files), 'bytes': self._out.nbytes()}
+    return self.summary
+
+
+def read_index(directory: str, name: str, fmt: str, version: int, what: str, command: str,
+               error: Type[Exception] = ValueError) -> dict:
+  """The JSON index `name` of a shard directory, checked for format and version (not yet for content).
+  `what` names the kind of directory ('HAP-VR shard'), `command` the program that writes one."""
+  path = os.path.join(directory, name)
+  a = 'an' if what[:1] in 'AEIOU' else 'a'
+  if not os.path.isdir(directory):
+    raise error(f'{directory}: {what} directory not found')
+  if not os.path.isfile(path):
+    label = name if name.startswith('index') else f'{name} index'
+    raise error(f'{directory}: no {label} here (not {a} {what} directory? write one with python -m {command})')
+  try:
+    with open(path) as f:
+      index = json.load(f)
+  except (OSError, ValueError) as e:
+    raise error(f'{path}: unreadable index ({type(e).__name__}: {e})') from e
+  if not isinstance(index, dict) or index.get('format') != fmt:
+    raise error(f'{path}: not {a} {what} index (format '
+                f'{index.get("format") if isinstance(index, dict) else None!r}, expected {fmt!r})')
+  if index.get('version') != version:
+    raise error(f'{path}: index version {index.get("version")!r}; this code reads version {version} '
+                f'(rewrite the shards with python -m {command})')
+  return index
+
+
+# A record: 8-byte magic | uint32 LE header length H | H bytes of JSON header, space-padded so that the
+# payload starts at a multiple of 8 | the arrays, in the dtypes the header names.
+_HEAD = struct.Struct('<8sI')
+
+
+def pack_record(magic: bytes, header: dict, *payload: bytes) -> bytes:
+  text = json.dumps(header, separators=(',', ':'), allow_nan=False).encode()
+  text += b' ' * (-(_HEAD.size + len(text)) % 8)
+  return b''.join((_HEAD.pack(magic, len(text)), text, *payload))
+
+
+def unpack_record(data: bytes, magic: bytes, what: str, where: str, check, error: Type[Exception] = ValueError):
+  """(header, payload offset) of a `pack_record` record. A wrong magic (`what` names the record kind) or a
+  header that does not parse or fails `check(header)` (False, or a KeyError/TypeError/ValueError) is an
+  `error` naming `where`."""
+  if len(data) < _HEAD.size or bytes(data[:8]) != magic:
+    raise error(f'{where}: not {what} (bad magic {bytes(data[:8])!r}; corrupt or foreign file)')
+  (_, size), start = _HEAD.unpack_from(data), _HEAD.size
+  if start + size > len(data):
+    raise error(f'{where}: header length {size} exceeds the record size {len(data)} (corrupt record)')
+  try:
+    header = json.loads(bytes(data[start:start + size]))
+    ok = check(header)
+  except (ValueError, KeyError, TypeError) as e:
+    raise error(f'{where}: unreadable record header ({e!r}; corrupt record)') from e
+  if not ok:
+    raise error(f'{where}: invalid record header {header} (corrupt record)')
+  return header, start + size

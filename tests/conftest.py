@@ -3,13 +3,14 @@ import os
 import sys
 
 # LLVM at -O0: the suite is dominated by compiling many small programs, not by running them; -O0 compiles them
-# about 30% faster (tests/train_test + engine_test: 77 s -> 54 s cold) and changes no HLO-level numerics.
+# markedly faster (docs/performance.md) and changes no HLO-level numerics.
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {FAST_COMPILE}')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # One persistent XLA compilation cache for the whole run (xdist workers and the subprocesses tests start):
-# many tests compile the same tiny steps and engines; on this 2-core CI that is most of the suite's time.
+# many tests compile the same tiny steps and engines, and on a 2-core CI machine compiling is most of the
+# suite's time.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     __import__('tempfile').gettempdir(), 'hapvr_jax_test_xla_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')

@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import re
-import struct
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +41,6 @@ FORMAT, VERSION, INDEX = 'avhash-av-shards', 1, 'index.json'
 WRITE_OPTIONS = 'group_size:1,uncompressed'
 READ_OPTIONS = 'readahead_buffer_size:0,max_parallelism:0'  # tuned for random access
 DTYPES = {'float32': '<f4', 'float16': '<f2'}
-_HEAD = struct.Struct('<8sI')
 
 
 class AVShardError(data_lists.AVFeatureError):
@@ -62,33 +60,24 @@ def encode_av_record(video_id: str, image: np.ndarray, audio: np.ndarray, dtype:
   code = DTYPES[dtype]
   frames, dim = image.shape
   header = {'id': video_id, 'frames': int(frames), 'dim': int(dim), 'dtype': code}
-  text = json.dumps(header, separators=(',', ':')).encode()
-  text += b' ' * (-(_HEAD.size + len(text)) % 8)
-  return b''.join((_HEAD.pack(MAGIC, len(text)), text, np.ascontiguousarray(image, code).tobytes(),
-                   np.ascontiguousarray(audio, code).tobytes()))
+  return record_dir.pack_record(MAGIC, header, np.ascontiguousarray(image, code).tobytes(),
+                                np.ascontiguousarray(audio, code).tobytes())
+
+
+def _valid_header(header) -> bool:
+  return (isinstance(header['id'], str) and header['dtype'] in DTYPES.values()
+          and all(isinstance(header[k], int) and header[k] > 0 for k in ('frames', 'dim')))
 
 
 def decode_av_record(data: bytes, where: str = 'record') -> Tuple[str, np.ndarray, np.ndarray]:
   """(video_id, image float32 [frames, dim], audio float32); validates magic, header and payload size."""
-  if len(data) < _HEAD.size or bytes(data[:8]) != MAGIC:
-    raise AVShardError(f'{where}: not an AVHash feature record (bad magic {bytes(data[:8])!r}; corrupt file)')
-  (_, size), start = _HEAD.unpack_from(data), _HEAD.size
-  if start + size > len(data):
-    raise AVShardError(f'{where}: header length {size} exceeds the record size {len(data)} (corrupt record)')
-  try:
-    header = json.loads(bytes(data[start:start + size]))
-    vid, frames, dim, code = header['id'], header['frames'], header['dim'], header['dtype']
-    ok = (isinstance(vid, str) and code in DTYPES.values()
-          and all(isinstance(n, int) and n > 0 for n in (frames, dim)))
-  except (ValueError, KeyError, TypeError) as e:
-    raise AVShardError(f'{where}: unreadable record header ({e!r}; corrupt record)') from e
-  if not ok:
-    raise AVShardError(f'{where}: invalid record header {header} (corrupt record)')
+  header, offset = record_dir.unpack_record(data, MAGIC, 'an AVHash feature record', where, _valid_header,
+                                            AVShardError)
+  vid, frames, dim, code = header['id'], header['frames'], header['dim'], header['dtype']
   n, itemsize = frames * dim, np.dtype(code).itemsize
-  if len(data) != start + size + 2 * n * itemsize:
-    raise AVShardError(f'{where}: record has {len(data) - start - size} payload bytes; header shape '
+  if len(data) != offset + 2 * n * itemsize:
+    raise AVShardError(f'{where}: record has {len(data) - offset} payload bytes; header shape '
                        f'[{frames}, {dim}] {code} x 2 needs {2 * n * itemsize} (corrupt record)')
-  offset = start + size
   image = np.frombuffer(data, code, n, offset).reshape(frames, dim).astype(np.float32)
   audio = np.frombuffer(data, code, n, offset + n * itemsize).reshape(frames, dim).astype(np.float32)
   return vid, image, audio
@@ -96,7 +85,7 @@ def decode_av_record(data: bytes, where: str = 'record') -> Tuple[str, np.ndarra
 
 # ----------------------------------------------------------------------------------------------- writer
 
-class AVShardWriter:
+class AVShardWriter(record_dir.VideoShardWriter):
   """Writes a shard directory; nothing appears at `directory` until `close()` succeeds.
 
     with AVShardWriter('shards/fcvid', records_per_shard=4096, dtype='float16') as w:
@@ -107,6 +96,7 @@ class AVShardWriter:
   `with` block it is removed instead. `frames`/`dim`, when given, fix the expected shape; otherwise the first
   video's shape is expected of all.
   """
+  error = AVShardError
 
   def __init__(self, directory: str, name: str = 'avhash', records_per_shard: int = 4096,
                dtype: str = 'float32', frames: Optional[int] = None, dim: Optional[int] = None):
@@ -116,19 +106,8 @@ class AVShardWriter:
       raise AVShardError(f'dtype {dtype!r}: expected one of {sorted(DTYPES)}')
     self.name, self.dtype = name, dtype
     self._shape = None if frames is None or dim is None else (int(frames), int(dim))
-    self._out = record_dir.RecordDir(directory, records_per_shard, WRITE_OPTIONS, error=AVShardError)
-    self.directory = self._out.directory
-    self._ids, self._seen = [], set()
-    self.summary = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is None:
-      self.close()
-    else:
-      self.abort()
+    super().__init__(directory, records_per_shard, WRITE_OPTIONS)
+    self._ids = []
 
   def _prepare(self, video_id: str, kind: str, x) -> np.ndarray:
     x = np.asarray(x)
@@ -151,12 +130,7 @@ class AVShardWriter:
 
   def add(self, video_id: str, image, audio) -> int:
     """Validates and writes one video; returns its global record index."""
-    if not self._out.open:
-      raise AVShardError('AVShardWriter: already closed')
-    if not isinstance(video_id, str) or not video_id:
-      raise AVShardError(f'video id {video_id!r}: must be a non-empty string')
-    if video_id in self._seen:
-      raise AVShardError(f'video {video_id!r} was added twice (duplicate video id)')
+    self._check_new(video_id)
     image = self._prepare(video_id, 'image', image)
     if self._shape is None:
       self._shape = image.shape
@@ -166,28 +140,18 @@ class AVShardWriter:
     self._ids.append(video_id)
     return index
 
-  def abort(self) -> None:
-    """Discards everything written so far."""
-    self._out.abort()
+  def _filename(self, index: int, count: int) -> str:
+    return av_shard_filename(self.name, index, count)
 
-  def close(self) -> dict:
-    """Names the shard files, writes index.json and renames the folder into place; returns the summary."""
-    if not self._out.open:
-      return self.summary
-    if not self._ids:
-      self.abort()
-      raise AVShardError(f'{self.directory}: no videos were added; nothing written')
+  def _write_index(self, folder, files):
+    head = {'format': FORMAT, 'version': VERSION, 'name': self.name, 'frames': self._shape[0],
+            'dim': self._shape[1], 'dtype': self.dtype, 'records': len(self._ids), 'shards': files}
+    with open(os.path.join(folder, INDEX), 'w') as f:  # one id per line: readable and diffable
+      f.write(json.dumps(head, indent=1)[:-2] + ',\n "ids": [\n')
+      f.write(',\n'.join(json.dumps(v) for v in self._ids) + '\n ]\n}\n')
 
-    def write_index(folder, files):
-      head = {'format': FORMAT, 'version': VERSION, 'name': self.name, 'frames': self._shape[0],
-              'dim': self._shape[1], 'dtype': self.dtype, 'records': len(self._ids), 'shards': files}
-      with open(os.path.join(folder, INDEX), 'w') as f:  # one id per line: readable and diffable
-        f.write(json.dumps(head, indent=1)[:-2] + ',\n "ids": [\n')
-        f.write(',\n'.join(json.dumps(v) for v in self._ids) + '\n ]\n}\n')
-    files = self._out.commit(lambda i, n: av_shard_filename(self.name, i, n), write_index)
-    self.summary = {'directory': self.directory, 'videos': len(self._ids), 'shards': len(files),
-                    'bytes': self._out.nbytes()}
-    return self.summary
+  def _summary(self, files) -> dict:
+    return {'videos': len(self._ids), 'shards': len(files)}
 
 
 # ----------------------------------------------------------------------------------------------- reader
@@ -198,29 +162,17 @@ class AVShardFeatures:
   def __init__(self, directory: str, frames: Optional[int] = None, dim: Optional[int] = None):
     self.directory = directory
     path = os.path.join(directory, INDEX)
-    if not os.path.isdir(directory):
-      raise AVShardError(f'{directory}: AV shard directory not found')
-    if not os.path.isfile(path):
-      raise AVShardError(f'{directory}: no {INDEX} here (not an AV shard directory? write one with '
-                         f'python -m input_pipeline.avhash.make_shards)')
+    index = record_dir.read_index(directory, INDEX, FORMAT, VERSION, 'AVHash shard',
+                                  'input_pipeline.avhash.make_shards', AVShardError)
     try:
-      with open(path) as f:
-        index = json.load(f)
-      if not isinstance(index, dict) or index.get('format') != FORMAT:
-        raise AVShardError(f'{path}: not an AVHash shard index (format '
-                           f'{index.get("format") if isinstance(index, dict) else None!r}, expected {FORMAT!r})')
-      if index.get('version') != VERSION:
-        raise AVShardError(f'{path}: index version {index.get("version")!r}; this code reads version {VERSION}')
       self.shape = (int(index['frames']), int(index['dim']))
       self.dtype = str(index['dtype'])
       self._files = [os.path.join(directory, str(s['file'])) for s in index['shards']]
       self._counts = [int(s['records']) for s in index['shards']]
       self._ids = [str(v) for v in index['ids']]
       records = int(index['records'])
-    except AVShardError:
-      raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-      raise AVShardError(f'{path}: unreadable or malformed index ({type(e).__name__}: {e})') from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise AVShardError(f'{path}: malformed index ({type(e).__name__}: {e})') from e
     if self.dtype not in DTYPES:
       raise AVShardError(f'{path}: dtype {self.dtype!r}; expected one of {sorted(DTYPES)}')
     if not self._ids or records != len(self._ids) or sum(self._counts) != records:

@@ -12,7 +12,7 @@ name of this module; `input_pipeline.hapvr.hdf5_views` shares its checks. Nothin
   OUT/dataset_info.json, OUT/features.json       TFDS metadata (below); this code never reads them
 
 Records are written with group_size:1 (one record per chunk: true random access, what Grain expects) and,
-by default, uncompressed: fp16 features gain ~8% from zstd but read ~5x slower. A record is
+by default, uncompressed: zstd shrinks float16 features little and slows reading a lot. A record is
 
   b'HAPVRv1\0' | uint32 LE header length H | H bytes JSON header (space-padded so the payload starts at a
   multiple of 8) | regions [T, R, D] float16 LE | teacher [T, C] float16 LE
@@ -52,12 +52,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from common_jax import io_util
+from input_pipeline import record_dir
 from input_pipeline.hapvr.store import BANK_KEYS, STRONG, WEAK, StoreInfo
 
 MAGIC = b'HAPVRv1\0'
@@ -66,7 +66,6 @@ INDEX, BANK = 'shards.json', 'bank.npz'
 TFDS_INFO, TFDS_FEATURES = 'dataset_info.json', 'features.json'
 TFDS_VERSION = f'{VERSION}.0.0'  # the dataset version TFDS sees (D/<name>/1.0.0/)
 DEFAULT_OPTIONS = 'group_size:1,uncompressed'
-_HEAD = struct.Struct('<8sI')
 
 
 class ShardError(ValueError):
@@ -118,7 +117,6 @@ def check_view(where: str, regions, teacher, expected=None):
 
 
 def check_output(directory: str) -> None:
-  from input_pipeline import record_dir  # pylint: disable=g-import-not-at-top
   record_dir.check_output(directory, ShardError)
 
 
@@ -171,35 +169,26 @@ def encode_record(video_id: str, segment: int, kind: str, view: int, regions: np
   """One view as a record (arrays must already be validated; they are written as float16)."""
   header = {'video_id': video_id, 'segment': int(segment), 'kind': kind, 'view': int(view),
             'regions': list(regions.shape), 'teacher': list(teacher.shape), 'dtype': '<f2', 'meta': meta or {}}
-  text = json.dumps(header, separators=(',', ':'), allow_nan=False).encode()
-  text += b' ' * (-(_HEAD.size + len(text)) % 8)
-  return b''.join((_HEAD.pack(MAGIC, len(text)), text, np.ascontiguousarray(regions, '<f2').tobytes(),
-                   np.ascontiguousarray(teacher, '<f2').tobytes()))
+  return record_dir.pack_record(MAGIC, header, np.ascontiguousarray(regions, '<f2').tobytes(),
+                                np.ascontiguousarray(teacher, '<f2').tobytes())
+
+
+def _valid_header(header) -> bool:
+  rs, ts = tuple(header['regions']), tuple(header['teacher'])
+  return (isinstance(header['video_id'], str) and header['kind'] in (WEAK, STRONG) and header['dtype'] == '<f2'
+          and isinstance(header['segment'], int) and isinstance(header['view'], int)
+          and isinstance(header['meta'], dict) and len(rs) == 3 and len(ts) == 2
+          and all(isinstance(n, int) and n > 0 for n in rs + ts))
 
 
 def decode_record(data: bytes, where: str = 'record'):
   """(header dict, regions float16 [T, R, D], teacher float16 [T, C]); validates magic, header and sizes."""
-  if len(data) < _HEAD.size or data[:8] != MAGIC:
-    raise ShardError(f'{where}: not a HAP-VR view record (bad magic {bytes(data[:8])!r}; corrupt or foreign file)')
-  (_, size), start = _HEAD.unpack_from(data), _HEAD.size
-  if start + size > len(data):
-    raise ShardError(f'{where}: header length {size} exceeds the record size {len(data)} (corrupt record)')
-  try:
-    header = json.loads(bytes(data[start:start + size]))
-    rs, ts = tuple(header['regions']), tuple(header['teacher'])
-    ok = (isinstance(header['video_id'], str) and header['kind'] in (WEAK, STRONG) and header['dtype'] == '<f2'
-          and isinstance(header['segment'], int) and isinstance(header['view'], int)
-          and isinstance(header['meta'], dict) and len(rs) == 3 and len(ts) == 2
-          and all(isinstance(n, int) and n > 0 for n in rs + ts))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ShardError(f'{where}: unreadable record header ({e!r}; corrupt record)') from e
-  if not ok:
-    raise ShardError(f'{where}: invalid record header {header} (corrupt record)')
+  header, offset = record_dir.unpack_record(data, MAGIC, 'a HAP-VR view record', where, _valid_header, ShardError)
+  rs, ts = tuple(header['regions']), tuple(header['teacher'])
   nr, nt = int(np.prod(rs)), int(np.prod(ts))
-  if len(data) != start + size + 2 * (nr + nt):
-    raise ShardError(f'{where}: record has {len(data) - start - size} payload bytes; header shapes {rs} + {ts} '
+  if len(data) != offset + 2 * (nr + nt):
+    raise ShardError(f'{where}: record has {len(data) - offset} payload bytes; header shapes {rs} + {ts} '
                      f'need {2 * (nr + nt)} (corrupt record)')
-  offset = start + size
   regions = np.frombuffer(data, '<f2', nr, offset).reshape(rs).astype(np.float16)
   teacher = np.frombuffer(data, '<f2', nt, offset + 2 * nr).reshape(ts).astype(np.float16)
   return header, regions, teacher
@@ -288,21 +277,5 @@ def write_metadata(directory: str, head: dict, videos: List[dict], counts: List[
 
 def read_index(directory: str) -> dict:
   """The shards.json of a shard directory, checked for format and version (not yet for content)."""
-  path = os.path.join(directory, INDEX)
-  if not os.path.isdir(directory):
-    raise ShardError(f'{directory}: shard directory not found')
-  if not os.path.isfile(path):
-    raise ShardError(f'{directory}: no {INDEX} index here (not a shard directory? write one with '
-                     f'python -m input_pipeline.hapvr.make_shards)')
-  try:
-    with open(path) as f:
-      index = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ShardError(f'{path}: unreadable index ({e})') from e
-  if not isinstance(index, dict) or index.get('format') != FORMAT:
-    raise ShardError(f'{path}: not a HAP-VR shard index (format '
-                     f'{index.get("format") if isinstance(index, dict) else None!r}, expected {FORMAT!r})')
-  if index.get('version') != VERSION:
-    raise ShardError(f'{path}: index version {index.get("version")!r}; this code reads version {VERSION} '
-                     f'(rewrite the shards with python -m input_pipeline.hapvr.make_shards)')
-  return index
+  return record_dir.read_index(directory, INDEX, FORMAT, VERSION, 'HAP-VR shard', 'input_pipeline.hapvr.make_shards',
+                               ShardError)

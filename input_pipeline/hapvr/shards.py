@@ -35,7 +35,7 @@ def __getattr__(name):
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-class ShardWriter:
+class ShardWriter(record_dir.VideoShardWriter):
   """Writes a shard directory; nothing appears at `directory` until `close()` succeeds.
 
     with ShardWriter('shards/vcdb', name='vcdb', records_per_shard=1024, bank=bank) as w:
@@ -46,6 +46,7 @@ class ShardWriter:
   whole before any of its records is written. Records go to a temporary folder beside `directory`, which is
   renamed at the end; on an exception inside the `with` block it is removed instead.
   """
+  error = ShardError
 
   def __init__(self, directory: str, name: str = 'vcdb', records_per_shard: int = 1024,
                bank: Optional[Dict[str, np.ndarray]] = None, options: str = DEFAULT_OPTIONS):
@@ -53,28 +54,12 @@ class ShardWriter:
       raise ShardError(f'shard name {name!r}: use letters, digits, "_" and "." only')
     self.name, self.options = name, options
     self._bank = None if bank is None else check_bank(bank, 'bank')
-    self._out = record_dir.RecordDir(directory, records_per_shard, options, error=ShardError)
-    self.directory = self._out.directory
-    self._videos, self._seen, self._expected, self._segments = [], set(), None, 0
-    self.summary = None
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is None:
-      self.close()
-    else:
-      self.abort()
+    super().__init__(directory, records_per_shard, options)
+    self._videos, self._expected, self._segments = [], None, 0
 
   def add_video(self, video_id: str, segments: List[dict]) -> List[Segment]:
     """Validates and writes all views of one video; returns its Segments (global record indices)."""
-    if not self._out.open:
-      raise ShardError('ShardWriter: already closed')
-    if not isinstance(video_id, str) or not video_id:
-      raise ShardError(f'video id {video_id!r}: must be a non-empty string')
-    if video_id in self._seen:
-      raise ShardError(f'video {video_id!r} was added twice (duplicate video id)')
+    self._check_new(video_id)
     prepared, expected = check_video(video_id, segments, self._expected)
     out = []
     for s, views in enumerate(prepared):
@@ -89,33 +74,25 @@ class ShardWriter:
     self._videos.append({'id': video_id, 'segments': [{WEAK: list(g.weak), STRONG: list(g.strong)} for g in out]})
     return out
 
-  def abort(self) -> None:
-    """Discards everything written so far."""
-    self._out.abort()
+  def _filename(self, index: int, count: int) -> str:
+    return shard_filename(self.name, index, count)
 
-  def close(self) -> dict:
-    """Names the shard files, writes shards.json (bank.npz, TFDS metadata), renames the folder into place."""
-    if not self._out.open:
-      return self.summary
-    if not self._videos:
-      self.abort()
-      raise ShardError(f'{self.directory}: no videos were added; nothing written')
+  def _write_index(self, folder, files):
+    """shards.json, bank.npz and the TFDS metadata."""
+    (t, r, d), (_, c) = self._expected
+    info = StoreInfo(frames=t, regions=r, dims=d, teacher_dims=c)
+    if self._bank is not None:
+      bank = check_bank(self._bank, 'bank', info)
+      with open(os.path.join(folder, BANK), 'wb') as f:
+        np.savez(f, **bank)
+    head = {'format': FORMAT, 'version': VERSION, 'info': dataclasses.asdict(info), 'dtype': 'float16',
+            'name': self.name, 'records': self._out.records, 'shards': files, 'options': self.options,
+            'bank': BANK if self._bank is not None else None}
+    write_metadata(folder, head, self._videos, self._out.counts)
 
-    def write_index(folder, files):
-      (t, r, d), (_, c) = self._expected
-      info = StoreInfo(frames=t, regions=r, dims=d, teacher_dims=c)
-      if self._bank is not None:
-        bank = check_bank(self._bank, 'bank', info)
-        with open(os.path.join(folder, BANK), 'wb') as f:
-          np.savez(f, **bank)
-      head = {'format': FORMAT, 'version': VERSION, 'info': dataclasses.asdict(info), 'dtype': 'float16',
-              'name': self.name, 'records': self._out.records, 'shards': files, 'options': self.options,
-              'bank': BANK if self._bank is not None else None}
-      write_metadata(folder, head, self._videos, self._out.counts)
-    files = self._out.commit(lambda i, n: shard_filename(self.name, i, n), write_index)
-    self.summary = {'directory': self.directory, 'videos': len(self._videos), 'segments': self._segments,
-                    'views': self._out.records, 'shards': len(files), 'bytes': self._out.nbytes()}
-    return self.summary
+  def _summary(self, files) -> dict:
+    return {'videos': len(self._videos), 'segments': self._segments, 'views': self._out.records,
+            'shards': len(files)}
 
 
 # ------------------------------------------------------------------------------------------- ArrayRecord

@@ -1,16 +1,14 @@
 """AVHash training: the step against PyTorch Adam, sharding, the Grain pipeline, resume, CLI errors, the demo."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.conftest import FAST_COMPILE
 import torch
 
@@ -225,14 +223,7 @@ def test_loop_outputs(uninterrupted):
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
   _, want, _ = uninterrupted
   workdir = str(tmp_path)
-  log = os.path.join(workdir, 'train.jsonl')
-
-  def kill_after_first_step():
-    while not (os.path.exists(log) and os.path.getsize(log) > 0):
-      time.sleep(0.01)
-    os.kill(os.getpid(), signal.SIGTERM)
-  killer = threading.Thread(target=kill_after_first_step, daemon=True)
-  killer.start()
+  killer = helpers.sigterm_after_first_step(workdir)
   first = train.train_and_evaluate(tiny_config(), workdir)
   killer.join()
   assert first['step'] < 6 and 'test' not in first

@@ -53,6 +53,35 @@ def assert_same_tree(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))
 
 
+def assert_matches_reference(mod, fn, params, cfg, dim):
+  """The Flax model on three preprocessed frames: [3, dim] float32, equal to the torch reference `fn`."""
+  x = np.asarray(mod.preprocess(frames(cfg), cfg))
+  out, ref = run(mod, params, cfg, x), fn(x)
+  assert out.shape == (3, dim) and out.dtype == np.float32
+  np.testing.assert_allclose(out, ref, **TOL)
+
+
+def assert_layouts_agree(mod, refs):
+  """Every layout converts to the same params, in the tree Model.init creates."""
+  trees = [mod.convert(sd, num_heads=2)[0] for _, sd in refs.values()]
+  for tree in trees[1:]:
+    assert_same_tree(tree, trees[0])
+  assert param_shapes(mod, mod.Config.tiny()) == jax.tree.map(np.shape, trees[0])
+
+
+def assert_bad_keys_one_error(mod, sd, where, missing, bad, bad_shape, good_shape, extra):
+  """`missing` deleted, `bad` given `bad_shape`, `extra` added: one ConversionError names all three and `where`."""
+  sd = dict(sd)
+  del sd[missing]
+  sd[bad] = np.zeros(bad_shape, np.float32)
+  sd[extra] = np.zeros(2, np.float32)
+  with pytest.raises(ConversionError) as e:
+    mod.convert(sd, where=where, num_heads=2)
+  msg = str(e.value)
+  assert where in msg and f'missing key {missing}' in msg and f'unexpected key {extra}' in msg
+  assert f'{bad}: shape {list(bad_shape)}, expected {good_shape}' in msg
+
+
 @pytest.fixture(scope='module')
 def dino_refs():
   return {layout: dino_torch.build(dino.Config.tiny(), SEED, layout) for layout in dino_torch.LAYOUTS}
@@ -72,17 +101,11 @@ def test_dino_matches_torch(dino_refs, layout, normalize):
   fn, sd = dino_refs[layout]
   params, cfg = dino.convert(sd, num_heads=2, normalize=normalize)
   assert cfg == dataclasses.replace(dino.Config.tiny(), normalize=normalize)
-  x = np.asarray(dino.preprocess(frames(cfg), cfg))
-  out, ref = run(dino, params, cfg, x), fn(x)
-  assert out.shape == (3, cfg.hidden_size) and out.dtype == np.float32
-  np.testing.assert_allclose(out, ref, **TOL)
+  assert_matches_reference(dino, fn, params, cfg, cfg.hidden_size)
 
 
 def test_dino_layouts_give_identical_params(dino_refs):
-  base, _ = dino.convert(dino_refs['official'][1], num_heads=2)
-  for layout in ('hf', 'hf4'):
-    assert_same_tree(dino.convert(dino_refs[layout][1], num_heads=2)[0], base)
-  assert param_shapes(dino, dino.Config.tiny()) == jax.tree.map(np.shape, base)
+  assert_layouts_agree(dino, dino_refs)
 
 
 def test_dino_wrappers_and_prefixes(dino_refs):
@@ -102,18 +125,10 @@ def test_dino_wrappers_and_prefixes(dino_refs):
 
 @pytest.mark.parametrize('layout', dino_torch.LAYOUTS)
 def test_dino_bad_keys_one_error(dino_refs, layout):
-  sd = dict(dino_refs[layout][1])
   qkv = {'official': 'blocks.1.attn.qkv.weight', 'hf': 'layers.1.attention.k_proj.weight',
          'hf4': 'encoder.layer.1.attention.attention.key.weight'}[layout]
   fc2 = {'official': 'blocks.0.mlp.fc2.bias', 'hf': 'layers.0.mlp.fc2.bias', 'hf4': 'encoder.layer.0.output.dense.bias'}
-  del sd[qkv]
-  sd[fc2[layout]] = np.zeros(31, np.float32)
-  sd['extra.weight'] = np.zeros(2, np.float32)
-  with pytest.raises(ConversionError) as e:
-    dino.convert(sd, where='ckpt.pth', num_heads=2)
-  msg = str(e.value)
-  assert 'ckpt.pth' in msg and f'missing key {qkv}' in msg and 'unexpected key extra.weight' in msg
-  assert f'{fc2[layout]}: shape [31], expected [32]' in msg
+  assert_bad_keys_one_error(dino, dino_refs[layout][1], 'ckpt.pth', qkv, fc2[layout], (31,), '[32]', 'extra.weight')
 
 
 def test_dino_config_inference():
@@ -164,16 +179,11 @@ def test_clip_matches_torch(clip_refs, layout):
   fn, sd = clip_refs[layout]
   params, cfg = clip.convert(sd, num_heads=2)
   assert cfg == clip.Config.tiny()
-  x = np.asarray(clip.preprocess(frames(cfg), cfg))
-  out, ref = run(clip, params, cfg, x), fn(x)
-  assert out.shape == (3, cfg.projection_dim) and out.dtype == np.float32
-  np.testing.assert_allclose(out, ref, **TOL)
+  assert_matches_reference(clip, fn, params, cfg, cfg.projection_dim)
 
 
 def test_clip_layouts_give_identical_params(clip_refs):
-  base, _ = clip.convert(clip_refs['openai'][1], num_heads=2)
-  assert_same_tree(clip.convert(clip_refs['hf'][1], num_heads=2)[0], base)
-  assert param_shapes(clip, clip.Config.tiny()) == jax.tree.map(np.shape, base)
+  assert_layouts_agree(clip, clip_refs)
 
 
 def test_clip_full_models_accepted(clip_refs):
@@ -211,20 +221,13 @@ def test_clip_full_models_accepted(clip_refs):
 
 @pytest.mark.parametrize('layout', clip_torch.LAYOUTS)
 def test_clip_bad_keys_one_error(clip_refs, layout):
-  sd = dict(clip_refs[layout][1])
   if layout == 'openai':
     missing, bad, good_shape = 'visual.transformer.resblocks.1.attn.in_proj_bias', 'visual.ln_post.weight', '[32]'
   else:
     missing, bad, good_shape = 'vision_model.encoder.layers.1.self_attn.v_proj.bias', 'visual_projection.weight', \
         '[16, 32]'
-  del sd[missing]
-  sd[bad] = np.zeros((16, 31) if layout == 'hf' else (5,), np.float32)
-  sd['visual.extra'] = np.zeros(2, np.float32)
-  with pytest.raises(ConversionError) as e:
-    clip.convert(sd, where='ViT-L-14.pt', num_heads=2)
-  msg = str(e.value)
-  assert 'ViT-L-14.pt' in msg and f'missing key {missing}' in msg and 'unexpected key visual.extra' in msg
-  assert f'{bad}: shape {"[16, 31]" if layout == "hf" else "[5]"}, expected {good_shape}' in msg
+  assert_bad_keys_one_error(clip, clip_refs[layout][1], 'ViT-L-14.pt', missing, bad,
+                            (16, 31) if layout == 'hf' else (5,), good_shape, 'visual.extra')
 
 
 def test_clip_config_inference_preprocess_and_bf16(clip_refs):

@@ -18,6 +18,7 @@ from hapvr_jax import features as features_lib
 from hapvr_jax import model as model_lib
 from extraction import feature_writer
 
+from tests import helpers
 from tests.conftest import ROOT  # noqa: E402
 DIMS = 32
 SIGKILL = -9
@@ -31,11 +32,6 @@ def _run(module, args, kill_at=None, timeout=300):
     env[faults.ENV] = kill_at
   return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=timeout)
-
-
-def _unit(rng, shape):
-  x = rng.normal(size=shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _last_error(stderr):
@@ -56,18 +52,7 @@ OVERRIDES = {'progress': False, 'plots': False, 'store_similarities': True, 'com
 def eval_setup(tmp_path_factory):
   """A FIVR-format benchmark, features, a checkpoint, and an uninterrupted evaluation's outputs."""
   tmp = tmp_path_factory.mktemp('eval')
-  rng = np.random.default_rng(1)
-  ann = tmp / 'ann'
-  ann.mkdir()
-  split = {'queries': QUERIES, 'database': set(DATABASE)}
-  with open(ann / 'fivr_audio.pickle', 'wb') as f:
-    pickle.dump({'5k': split, '200k': split,
-                 'annotation': {'qa': {'ND': ['v0'], 'DS': ['v1']}, 'qb': {'ND': ['v2'], 'CS': ['v3']}}}, f)
-  (ann / 'fivr_easy_duplicates.txt').write_text('v9\n')
-  features = str(tmp / 'f.hdf5')
-  with h5py.File(features, 'w') as f:
-    for i, v in enumerate(QUERIES + DATABASE):
-      f[v] = _unit(rng, (6 + 3 * i, 4, DIMS))
+  ann, features = helpers.write_fivr(tmp, QUERIES, DATABASE, DIMS, frames_step=3)
   cfg = model_lib.ModelConfig(dims=DIMS, v_topk_rate=0.3)
   ckpt = checkpoint.save_params(str(tmp / 'ckpt'), model_lib.init_params(cfg, seed=3), cfg.to_dict())
   base = {'features': features, 'annotations': str(ann), 'checkpoint': ckpt, **OVERRIDES}
@@ -147,7 +132,7 @@ def test_other_region_counts_and_groups_are_errors_naming_file_and_video(eval_se
       put(f)
     return path
 
-  for name, bad in (('regions7.hdf5', _unit(rng, (20, 7, DIMS))), ('flat.hdf5', _unit(rng, (20, DIMS)))):
+  for name, bad in (('regions7.hdf5', helpers.unit_features(rng, (20, 7, DIMS))), ('flat.hdf5', helpers.unit_features(rng, (20, DIMS)))):
     path = with_v5(name, lambda f: f.create_dataset('v5', data=bad))
     with pytest.raises(features_lib.FeatureError) as e:
       evaluate.evaluate(config(features=path), str(tmp_path / 'out'))
@@ -158,7 +143,7 @@ def test_other_region_counts_and_groups_are_errors_naming_file_and_video(eval_se
       with pytest.raises(features_lib.FeatureError, match="'v5'.*'v0'|'v0'.*'v5'"):
         features_lib.FeatureFile(path, dims=DIMS).lengths(order)
   # A database id stored as a group is not silently dropped.
-  path = with_v5('group.hdf5', lambda f: f.create_group('v5').create_dataset('vectors', data=_unit(rng, (9, DIMS))))
+  path = with_v5('group.hdf5', lambda f: f.create_group('v5').create_dataset('vectors', data=helpers.unit_features(rng, (9, DIMS))))
   with pytest.raises(features_lib.FeatureError, match=r"group.hdf5: 'v5' is a group, not a feature dataset"):
     evaluate.evaluate(config(features=path), str(tmp_path / 'out'))
 

@@ -56,7 +56,7 @@ def test_similarity_and_index_match_the_programs(corpus, checkpoint32, tmp_path)
 def _readme_example():
   with open(os.path.join(ROOT, 'README.md')) as f:
     text = f.read()
-  section = text[text.index('### HAP-VR from Python'):]
+  section = text[text.index('## HAP-VR from Python'):]
   return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 

@@ -19,15 +19,11 @@ from hapvr_jax import engine_state
 from hapvr_jax import evaluate
 from hapvr_jax import features as features_lib
 from hapvr_jax import model as model_lib
+from tests import helpers
 
 DIMS = 32
 QUERIES = ['q0', 'q1']
 DATABASE = [f'd{i}' for i in range(9)]
-
-
-def _unit(rng, shape):
-  x = rng.normal(size=shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 class _CountingFile(features_lib.FeatureFile):
@@ -49,7 +45,7 @@ def setup(tmp_path_factory):
   lengths = dict(zip(QUERIES + DATABASE, [9, 14, 5, 8, 11, 16, 19, 25, 30, 37, 41]))
   with h5py.File(path, 'w') as f:
     for vid, n in lengths.items():
-      f[vid] = _unit(rng, (n, 4, DIMS))
+      f[vid] = helpers.unit_features(rng, (n, 4, DIMS))
   cfg = model_lib.ModelConfig(dims=DIMS, v_topk_rate=0.3)
   params = model_lib.init_params(cfg, seed=3)
   eng = engine_lib.Engine(cfg, params, mesh_lib.make_mesh((('data', 2),), jax.devices()[:2]),
@@ -142,19 +138,7 @@ def test_two_processes_interleave_blocks_and_add_up_to_one(setup, tmp_path):
 
 def test_evaluate_resumes_a_partial_left_in_the_workdir(setup, tmp_path, monkeypatch):
   _, _, _, params = setup
-  rng = np.random.default_rng(1)
-  ann = tmp_path / 'ann'
-  ann.mkdir()
-  queries, database = ['qa', 'qb'], [f'v{i}' for i in range(10)]
-  split = {'queries': queries, 'database': set(database)}
-  with open(ann / 'fivr_audio.pickle', 'wb') as f:
-    pickle.dump({'5k': split, '200k': split,
-                 'annotation': {'qa': {'ND': ['v0'], 'DS': ['v1']}, 'qb': {'ND': ['v2'], 'CS': ['v3']}}}, f)
-  (ann / 'fivr_easy_duplicates.txt').write_text('v9\n')
-  features = str(tmp_path / 'f.hdf5')
-  with h5py.File(features, 'w') as f:
-    for i, v in enumerate(queries + database):
-      f[v] = _unit(rng, (6 + 4 * i, 4, DIMS))
+  ann, features = helpers.write_fivr(tmp_path, ['qa', 'qb'], [f'v{i}' for i in range(10)], DIMS, frames_step=4)
   ckpt = checkpoint.save_params(str(tmp_path / 'ckpt'), params,
                                 model_lib.ModelConfig(dims=DIMS, v_topk_rate=0.3).to_dict())
   c = config_common.hapvr_eval_config('fivr_5k')

@@ -10,11 +10,7 @@ from common_jax import mesh as mesh_lib
 from hapvr_jax import engine as engine_lib
 from hapvr_jax import features as features_lib
 from hapvr_jax import model as model_lib
-
-
-def _unit(rng, shape):
-  x = rng.normal(size=shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+from tests import helpers
 
 
 @pytest.fixture(scope='module')
@@ -25,8 +21,8 @@ def feature_file(tmp_path_factory):
              'd6': 33, 'd7': 34, 'd8': 45, 'd9': 50}
   with h5py.File(path, 'w') as f:
     for vid, n in lengths.items():
-      f[vid] = _unit(rng, (n, 9, 64))
-    f['flat'] = _unit(rng, (12, 64))            # a [T, D] video is read as [T, 1, D] (alone)
+      f[vid] = helpers.unit_features(rng, (n, 9, 64))
+    f['flat'] = helpers.unit_features(rng, (12, 64))            # a [T, D] video is read as [T, 1, D] (alone)
   return path
 
 
@@ -158,9 +154,9 @@ def test_engine_stops_on_a_bad_database_video(tmp_path, network):
   rng = np.random.default_rng(1)
   path = str(tmp_path / 'f.hdf5')
   with h5py.File(path, 'w') as f:
-    f['q'] = _unit(rng, (10, 9, 64))
-    f['good'] = _unit(rng, (10, 9, 64))
-    bad = _unit(rng, (10, 9, 64))
+    f['q'] = helpers.unit_features(rng, (10, 9, 64))
+    f['good'] = helpers.unit_features(rng, (10, 9, 64))
+    bad = helpers.unit_features(rng, (10, 9, 64))
     bad[3, 2, 1] = np.inf
     f['broken'] = bad
   ff = features_lib.FeatureFile(path, dims=64, min_len=8)

@@ -17,22 +17,18 @@ from tests.references import hapvr_torch as ref  # noqa: E402
 from configs import common as config_common  # noqa: E402
 from hapvr_jax import convert, evaluate  # noqa: E402
 from hapvr_jax import datasets
+from tests import helpers
 
 from tests.conftest import ROOT  # noqa: E402
 DIMS = 64
 
 
-def _unit(rng, shape):
-  x = rng.normal(size=shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _write_features(path, ids, rng, relatives=()):
   """Random features; each (query, target) in `relatives` makes the target a noisy copy of the query."""
-  feats = {v: _unit(rng, (int(rng.integers(3, 31)), 9, DIMS)) for v in ids}   # < 32: one chunk
-  feats[ids[-1]] = _unit(rng, (70, 9, DIMS))   # longer than the test chunk size: chunked and averaged
+  feats = {v: helpers.unit_features(rng, (int(rng.integers(3, 31)), 9, DIMS)) for v in ids}   # < 32: one chunk
+  feats[ids[-1]] = helpers.unit_features(rng, (70, 9, DIMS))   # longer than the test chunk size: chunked and averaged
   for q, t in relatives:
-    feats[t] = _unit(rng, feats[q].shape) * 0.3 + feats[q]
+    feats[t] = helpers.unit_features(rng, feats[q].shape) * 0.3 + feats[q]
   with h5py.File(path, 'w') as f:
     for v, x in feats.items():
       f[v] = x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -153,8 +149,8 @@ def test_cli_bad_features_leave_no_metrics(tmp_path):
   (ann / 'fivr_easy_duplicates.txt').write_text('d2\n')
   path = str(tmp_path / 'f.hdf5')
   with h5py.File(path, 'w') as f:
-    f['q1'] = _unit(rng, (10, 9, DIMS))
-    f['d1'] = _unit(rng, (10, 9, DIMS))
+    f['q1'] = helpers.unit_features(rng, (10, 9, DIMS))
+    f['d1'] = helpers.unit_features(rng, (10, 9, DIMS))
     f['d2'] = np.full((6, 9, DIMS), np.nan, np.float32)
   _, ckpt = _checkpoint(tmp_path)
   workdir = tmp_path / 'out'
@@ -175,7 +171,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     pickle.dump({'annotation': {'e': ({'q'}, {'d'}, set())}, 'queries': ['q'], 'database': ['d']}, f)
   path = str(tmp_path / 'f.hdf5')
   with h5py.File(path, 'w') as f:
-    f['q'] = _unit(np.random.default_rng(0), (8, 9, 512))
+    f['q'] = helpers.unit_features(np.random.default_rng(0), (8, 9, 512))
   with pytest.raises(ValueError, match='model_config.json is missing'):
     evaluate.evaluate(_config('evve', features=path, annotations=str(ann), checkpoint=str(tmp_path)),
                       str(tmp_path / 'out'))

@@ -117,7 +117,8 @@ def test_documented_commands_parse_and_help_shows_an_example(capsys):
 
   from common_jax import cli
   programs = ('hapvr_jax.index', 'hapvr_jax.search')
-  texts = [open(os.path.join(ROOT, 'README.md')).read()] + [importlib.import_module(p).__doc__ for p in programs]
+  texts = [open(os.path.join(ROOT, f)).read() for f in ('README.md', 'docs/hapvr_search.md')]
+  texts += [importlib.import_module(p).__doc__ for p in programs]
   seen = set()
   for text in texts:
     for m in re.finditer(r'python -m (hapvr_jax\.(?:index|search))([^`\n]*)', text.replace('\\\n', ' ')):

@@ -517,7 +517,7 @@ def test_training_gradients():
     pytest.param('frame_to_frame', 'Chamfer', id='f2f-Chamfer'),
 ])
 def test_gradient_at_ties_goes_to_one_index(where, kind):
-  """Decision 13: at a tie for the maximum, one entry receives the whole gradient (as in torch)."""
+  """At a tie for the maximum, one entry receives the whole gradient, as in torch, so training matches it."""
   if where == 'reduce_rows':
     s = jnp.array([[[1.0, 1.0, 0.0], [0.0, 2.0, -1.0]]])   # row 0: tie between columns 0 and 1
     g = np.asarray(jax.grad(lambda v: sim_lib.reduce_rows(v, None, None, kind, 0.1).sum())(s))[0]

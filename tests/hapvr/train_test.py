@@ -1,16 +1,14 @@
 """The HAP-VR training loop: sharding, resume after SIGTERM, restore onto another device count, CLI errors."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.conftest import FAST_COMPILE
 
 from common_jax import mesh as mesh_lib
@@ -105,14 +103,7 @@ def test_bfloat16_step_is_close_to_float32(shards):
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(shards, uninterrupted, tmp_path):
   workdir = str(tmp_path)
-  log = os.path.join(workdir, 'train.jsonl')
-
-  def kill_after_first_step():
-    while not (os.path.exists(log) and os.path.getsize(log) > 0):
-      time.sleep(0.01)
-    os.kill(os.getpid(), signal.SIGTERM)
-  killer = threading.Thread(target=kill_after_first_step, daemon=True)
-  killer.start()
+  killer = helpers.sigterm_after_first_step(workdir)
   first = train.train_and_evaluate(tiny_config(shards), workdir)
   killer.join()
   assert first['step'] < STEPS, 'the run was expected to stop early on SIGTERM'
