@@ -45,13 +45,17 @@ class Model:
     if not isinstance(video, (str, os.PathLike)):
       x = np.asarray(video, np.float32)
       return x[:, None] if x.ndim == 2 else x
+    return self.features_and_meta(video)[0]
+
+  def features_and_meta(self, path) -> tuple:
+    """(features, metadata: path, duration, fps) of a video file, as python -m hapvr_jax.index stores them."""
     if self.backbone is None:
-      raise ValueError(f'{video}: features of a video file need a backbone: api.load(checkpoint, backbone=DIR)')
+      raise ValueError(f'{path}: features of a video file need a backbone: api.load(checkpoint, backbone=DIR)')
+    frames, meta = index_lib.decode_video(os.fspath(path), self.fps)
     if self._runner is None:
       self._runner = index_lib.features_fn(self.backbone)
-    frames, _ = index_lib.decode_video(os.fspath(video), self.fps)
     (_, x), = self._runner.add('video', frames) + self._runner.flush()
-    return np.asarray(x, np.float32)
+    return np.asarray(x, np.float32), meta
 
   def _stages(self):
     if self._fns is None:
@@ -137,9 +141,12 @@ class Index:
     for s in range(0, len(todo), batch):
       entries = []
       for vid, v in todo[s:s + batch]:
-        meta = {'path': os.path.abspath(v), 'fps': self.model.fps} if isinstance(v, (str, os.PathLike)) else {}
-        x = self.model.features(v)
-        entries.append(index_lib.video_entry(self.ix, vid, x, {'duration': len(x) / self.model.fps, **meta}))
+        if isinstance(v, (str, os.PathLike)):
+          x, meta = self.model.features_and_meta(v)
+        else:
+          x = self.model.features(v)
+          meta = {'path': '', 'duration': len(x) / self.model.fps, 'fps': self.model.fps}
+        entries.append(index_lib.video_entry(self.ix, vid, x, meta))
       self.ix.add(entries)
     if todo:
       index_lib.refresh_coarse(self.ix)
