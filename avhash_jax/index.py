@@ -168,6 +168,21 @@ def _failures(image_h5: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def feature_ids(args):
+  """(this host's ids of the feature files, num_shards, shard_index): the extractor's host split."""
+  import h5py
+  from input_pipeline.avhash.lists import AVFeatures
+  AVFeatures(args.image_features, args.audio_features)   # both files exist
+  try:
+    with h5py.File(args.image_features, 'r') as f:
+      ids = sorted(f.keys())
+  except OSError as e:
+    raise cli.UsageError(f'{args.image_features}: not a readable HDF5 file ({e})') from None
+  num_shards, shard_index = args.num_shards or 1, args.shard_index or 0
+  videos = extraction.select_shard([extraction.Video(v, '') for v in ids], num_shards, shard_index)
+  return [v.video_id for v in videos], num_shards, shard_index
+
+
 def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('index', None, 'index directory (created if new)', flag_values=fv, required=True)
   flags.DEFINE_string('checkpoint', '', 'converted or trained AVHash checkpoint directory', flag_values=fv)
@@ -197,16 +212,17 @@ def run(args) -> dict:
   if from_videos == from_features:
     raise cli.UsageError('give videos (--videos or --video_dir, with --clip and --ast) or feature files '
                          '(--image_features and --audio_features), or --remove / --merge')
+  if from_features and not (args.image_features and args.audio_features):
+    raise cli.UsageError('give both --image_features and --audio_features')
+  if from_videos and not (args.clip and args.ast):
+    raise cli.UsageError('indexing video files needs --clip and --ast (converted backbone directories)')
   model = load_checkpoint(args.checkpoint)
   config = index_config(model[0], model[2])
   if from_features:
-    if not (args.image_features and args.audio_features):
-      raise cli.UsageError('give both --image_features and --audio_features')
-    ix = open_or_create(args.index, config)
-    out = {'added': add_feature_files(ix, model, args.image_features, args.audio_features, batch=args.batch)}
+    ids, num_shards, shard_index = feature_ids(args)
+    ix = open_or_create(extraction.shard_path(args.index, num_shards, shard_index), config)
+    out = {'added': add_feature_files(ix, model, args.image_features, args.audio_features, ids, batch=args.batch)}
   else:
-    if not (args.clip and args.ast):
-      raise cli.UsageError('indexing video files needs --clip and --ast (converted backbone directories)')
     videos, num_shards, shard_index = extraction.this_host(args)
     path = extraction.shard_path(args.index, num_shards, shard_index)
     ix = open_or_create(path, config)
