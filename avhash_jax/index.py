@@ -21,7 +21,9 @@ feature size and a fingerprint of the checkpoint: codes of another checkpoint ar
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -141,7 +143,8 @@ def extract_features(videos, work: str, clip: str, ast: str, workers: int = 4) -
       clip=clip, ast=ast, image_output=image, audio_output=audio, audio_segments='windows', audio_window=5.0,
       no_audio='zeros', batch_size=100, audio_batch_size=50, videos=listing, video_dir='', keep_extension=True,
       workers=workers, num_shards=1, shard_index=0, strict=False)
-  extract.extract(args)
+  with contextlib.redirect_stdout(io.StringIO()):   # its summary line: the callers print their own
+    extract.extract(args)
   return image, audio, _failures(image)
 
 

@@ -59,17 +59,26 @@ def code_videos(paths, model, clip: str, ast: str, workers: int = 4) -> np.ndarr
   for v in videos:
     if not os.path.isfile(v.path):
       raise QueryError(f'{v.path}: query video not found')
-  with tempfile.TemporaryDirectory(prefix='avhash_query.') as work:
-    image, audio, failures = index_lib.extract_features(videos, work, clip, ast, workers)
-    for f in failures:
-      path = next(v.path for v in videos if v.video_id == f['id'])
-      raise QueryError(f'{path}: cannot read the query video ({f.get("reason")}: {f.get("error", "")})'.rstrip())
-    from input_pipeline.avhash.lists import AVFeatures
-    feats = AVFeatures(image, audio, frames=model[0].tokens, dim=model[0].hidden_size)
-    try:
-      return index_lib.code_features(model[0], model[1], feats, [v.video_id for v in videos])
-    finally:
-      feats.close()
+  from absl import logging
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)   # a failed query is reported once, as the error below
+  try:
+    with tempfile.TemporaryDirectory(prefix='avhash_query.') as work:
+      return _code_in(work, videos, model, clip, ast, workers)
+  finally:
+    logging.set_verbosity(level)
+
+
+def _code_in(work, videos, model, clip, ast, workers):
+  image, audio, failures = index_lib.extract_features(videos, work, clip, ast, workers)
+  for f in failures:
+    raise QueryError(f'{f["path"]}: cannot read the query video ({f["reason"]}: {f["error"]})')
+  from input_pipeline.avhash.lists import AVFeatures
+  feats = AVFeatures(image, audio, frames=model[0].tokens, dim=model[0].hidden_size)
+  try:
+    return index_lib.code_features(model[0], model[1], feats, [v.video_id for v in videos])
+  finally:
+    feats.close()
 
 
 def read_queries(path: str, ix: IndexDir) -> list:
@@ -123,8 +132,8 @@ def write_results(folder: str, rows) -> None:
     f.write(buf.getvalue())
 
 
-def print_table(rows, timings: dict, out=sys.stdout) -> None:
-  query = None
+def print_table(rows, timings: dict, out=None) -> None:
+  out, query = out or sys.stdout, None
   for r in rows:
     if r['query'] != query:
       query = r['query']
