@@ -266,12 +266,15 @@ class IndexDir:
     return len(ids)
 
   def merge(self, other: 'IndexDir') -> int:
-    """Adds every live video of `other` (an index of the same kind and config, e.g. another host's part)."""
+    """Adds every live video of `other` (an index of the same kind and config, e.g. another host's part)
+    that this index lacks: a merge killed half-way resumes when run again."""
     if other.kind != self.kind or (diff := config_differences(other.config, self.config)):
       raise IndexDirError(f'{other.path}: cannot be merged into {self.path} (another kind or settings: '
                           f'{"; ".join(diff) if other.kind == self.kind else other.kind})')
     by_segment: dict = {}
     for vid in other.ids():
+      if vid in self:
+        continue
       segment, row, meta = other._where[vid]
       by_segment.setdefault(segment, []).append((vid, row, meta))
     count = 0
