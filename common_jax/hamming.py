@@ -15,12 +15,18 @@ database order. Backends:
   faiss_ivf   faiss.IndexBinaryIVF: approximate (the `nprobe` nearest of `nlist` clusters), trained on the
               database itself
 
-``backend='auto'`` picks, per call, the fastest exact backend measured by ``bench/index_scale.py`` on a
-2-core CPU (64-bit codes): the project's NumPy scan for one query or a few at any size (1M codes: 13 ms per
-query against 290 ms for IndexBinaryFlat, whose per-call set-up dominates), and IndexBinaryFlat for batches
-of AUTO_BATCH queries or more over AUTO_FAISS_FROM codes or more (100k codes, 100 queries: 42 ms against
-215 ms). The JAX program was slower than both on CPU at every size (lax.top_k on CPU); it is kept for
-accelerators.
+``backend='auto'`` picks the fastest exact backend for the collection size, measured by
+``python -m bench.index_scale --part=avhash`` on a shared 2-core CPU (64-bit codes, top 100; single query /
+per query of a batch of 100):
+
+  10k codes   numpy 0.14 ms / 0.19 ms    faiss_flat 24-64 ms / 0.02-2.1 ms (OpenMP start-up per call)
+  100k codes  numpy 1.1-1.2 ms / 2.0-2.2 ms    faiss_flat 0.17-0.18 ms / 0.46-1.2 ms
+  1M codes    numpy 31 ms / 16-25 ms    faiss_flat 1.2-1.3 ms / 5-7 ms
+
+so the project's NumPy scan below AUTO_FAISS_FROM codes and IndexBinaryFlat from there on. The JAX program
+was slower than both on CPU at every size (1.5-17 ms a query at 10k-100k; lax.top_k on CPU) and is kept for
+accelerators; the approximate backends are never chosen by 'auto' (IndexBinaryIVF trains for 30 s at 100k
+codes, and both miss exact neighbours).
 """
 from __future__ import annotations
 
@@ -30,9 +36,8 @@ import numpy as np
 
 EXACT = ('numpy', 'jax', 'faiss_flat')
 BACKENDS = EXACT + ('faiss_hash', 'faiss_ivf')
-# Measured with `python -m bench.index_scale --part=avhash`: the crossover of NumPy and IndexBinaryFlat
-AUTO_FAISS_FROM = 30_000
-AUTO_BATCH = 8
+# Measured with `python -m bench.index_scale --part=avhash`: NumPy and IndexBinaryFlat cross between 10k and 100k
+AUTO_FAISS_FROM = 50_000
 
 
 class HammingError(ValueError):
@@ -74,8 +79,8 @@ def distances(q_packed, db_packed) -> np.ndarray:
   return out
 
 
-def auto_backend(n: int, queries: int) -> str:
-  return 'faiss_flat' if n >= AUTO_FAISS_FROM and queries >= AUTO_BATCH else 'numpy'
+def auto_backend(n: int) -> str:
+  return 'faiss_flat' if n >= AUTO_FAISS_FROM else 'numpy'
 
 
 class Searcher:
@@ -113,9 +118,12 @@ class Searcher:
       index = faiss.IndexBinaryMultiHash(d, nhash, d // nhash)
       index.nflip = radius
     else:
-      nlist = nlist or max(1, min(65536, int(4 * np.sqrt(max(self.n, 1)))))
+      # at most 1,024 lists trained on at most 64 codes a list: k-means over 1M codes into 4,000 lists took
+      # over 5 minutes on 2 cores, this about a second
+      nlist = nlist or max(1, min(1024, int(4 * np.sqrt(max(self.n, 1)))))
+      sample = self.db[np.random.default_rng(0).permutation(self.n)[:64 * nlist]] if self.n > 64 * nlist else self.db
       index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(d), d, nlist)
-      index.train(self.db if self.n >= nlist else np.resize(self.db, (nlist, self.nbytes)))
+      index.train(sample if len(sample) >= nlist else np.resize(self.db, (nlist, self.nbytes)))
       index.nprobe = nprobe
     if self.n:
       index.add(self.db)
@@ -132,7 +140,7 @@ class Searcher:
     if self.n == 0:
       raise HammingError('the index holds no codes')
     k = min(k, self.n)
-    backend = auto_backend(self.n, len(q)) if self.backend == 'auto' else self.backend
+    backend = auto_backend(self.n) if self.backend == 'auto' else self.backend
     if backend == 'numpy':
       return self._numpy(q, k)
     if backend == 'jax':
