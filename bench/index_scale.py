@@ -114,7 +114,7 @@ def hapvr_coarse(n: int, args, rng) -> list:
                  'batch_query_ms': 1e3 * per, f'recall@{args.top_k}': float(recall), 'index_bytes': memory,
                  'peak_rss_gb': _rss_gb()})
     print(f'  {rows[-1]}', flush=True)
-    del index
+    index = None   # the next kind is built without this one in memory
   return rows
 
 
