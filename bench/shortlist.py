@@ -32,11 +32,6 @@ def load_all(ff, ids):
   return {j: ff.read(v).astype(np.float16) for j, v in enumerate(ids)}
 
 
-def frame_vectors(x):
-  x = np.asarray(x, np.float32).mean(axis=1)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class CoarseIndex:
 
   def __init__(self, method: str, videos: dict, k: int = 64):
@@ -47,7 +42,7 @@ class CoarseIndex:
     self.pooled = faiss.IndexFlatIP(desc.shape[1])
     self.pooled.add(desc)
     if method == 'frame_knn':
-      frames = [frame_vectors(videos[j]) for j in range(self.n)]
+      frames = [coarse.frame_descriptors(videos[j]) for j in range(self.n)]
       self.owner = np.concatenate([np.full(len(f), j) for j, f in enumerate(frames)])
       self.frames = faiss.IndexFlatIP(desc.shape[1])
       self.frames.add(np.concatenate(frames))
@@ -58,7 +53,7 @@ class CoarseIndex:
     out = np.empty(self.n, np.float64)
     out[order[0]] = -np.arange(self.n) / self.n   # pooled order, in (-1, 0]
     if self.method == 'frame_knn':
-      sims, idx = self.frames.search(frame_vectors(x), self.k)
+      sims, idx = self.frames.search(coarse.frame_descriptors(x), self.k)
       best = np.zeros((len(sims), self.n))
       np.maximum.at(best, (np.arange(len(sims))[:, None], self.owner[idx]), np.maximum(sims, 0))
       votes = best.sum(0)

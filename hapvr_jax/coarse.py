@@ -23,12 +23,21 @@ def _unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def describe(features: np.ndarray) -> np.ndarray:
-  """The descriptor [dim(D)] (float32, unit norm) of one video's features [T, R, D] or [T, D]."""
+def _frames(features) -> np.ndarray:
   x = np.asarray(features, np.float32)
   if x.ndim == 2:
     x = x[:, None]
   if x.ndim != 3 or x.shape[0] == 0:
     raise ValueError(f'features of shape {x.shape}: expected [T, R, D] or [T, D] with T > 0')
-  frames = _unit(x.mean(axis=1))
-  return _unit(frames.mean(axis=0)).astype(np.float32)
+  return _unit(x.mean(axis=1))
+
+
+def frame_descriptors(features: np.ndarray) -> np.ndarray:
+  """Per-frame descriptors [T, dim(D)] (float32, unit norm): the frame-level alternative, searched by kNN with
+  each query frame voting for the videos of its nearest frames (T vectors per video instead of one)."""
+  return _frames(features).astype(np.float32)
+
+
+def describe(features: np.ndarray) -> np.ndarray:
+  """The descriptor [dim(D)] (float32, unit norm) of one video's features [T, R, D] or [T, D]."""
+  return _unit(_frames(features).mean(axis=0)).astype(np.float32)
