@@ -8,10 +8,11 @@ Coarse candidates (each gives every database video a score for a query):
                   IndexFlatIP; each query frame's k nearest frames vote for their videos (a video scores the sum
                   over query frames of its best retrieved frame); unvoted videos follow by pooled_regions.
 
-The scorer computes what the engine computes for a pair (SimilarityNetwork.calculate_video_similarity on
-indexed features, padded lengths masked), with the query padded to a length bucket and the shortlist cut into
-blocks of 64 or 16 targets of one padded length: a handful of compiled shapes serve every query, where the
-engine, built for a fixed query set against a whole database, compiles per query set.
+The scorer computes what the engine computes for a pair (index_video, the frame-to-frame map, the comparator
+and the temporal reduction of SimilarityNetwork, padded lengths masked) for one query against blocks of 64 or
+16 shortlisted targets of one padded length: a handful of compiled shapes serve every query (the engine,
+built for a fixed query set against a whole database, compiles per query set). Targets travel as float16
+(as an index stores them) and are cast on the device.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax import lax
+
 from hapvr_jax import coarse
+from hapvr_jax import similarity as sim_lib
 from hapvr_jax.engine import bucket_lengths, bucket_of
 from hapvr_jax.model import SimilarityNetwork
 
@@ -73,6 +77,18 @@ class CoarseIndex:
     return ranks, time.perf_counter() - t0
 
 
+def _f2f_one_pass(q, t, k):
+  """Non-symmetric (TopK)Chamfer f2f of ONE query q [1, Tq, R, D] against t [B, Tt, R, D] as one matmul of all
+  query regions: the engine's loop over query regions reads the targets R times, which costs little for its
+  hundreds of query frames but dominates for one short query."""
+  _, tq, r, d = q.shape
+  b, tt = t.shape[:2]
+  s = jnp.matmul(q.reshape(tq * r, d), t.reshape(b * tt * r, d).T, precision=lax.Precision.HIGHEST)
+  s = s.reshape(tq, r, b, tt, r)
+  red = sim_lib.max_last(s) if k == 1 else jnp.mean(lax.top_k(s, k)[0], axis=-1)
+  return jnp.transpose(red.mean(axis=1), (1, 0, 2))[None]   # [1, B, Tq, Tt]
+
+
 class Scorer:
 
   def __init__(self, model_config, params, max_target_len: int, max_query_len: int, regions: int = 9,
@@ -81,50 +97,53 @@ class Scorer:
     self.shape = (regions, model_config.dims)
     self.t_buckets = bucket_lengths(max_target_len, ratio)
     self.q_buckets = bucket_lengths(max_query_len, ratio)
-    net = SimilarityNetwork(model_config)
+    net, c = SimilarityNetwork(model_config), model_config
+    one_pass = c.f2f_sim_module in ('Chamfer', 'TopKChamfer') and not c.symmetric
 
     def fn(p, q, ql, t, tl):
       call = lambda *a, method: net.apply({'params': p}, *a, method=method)
-      q = call(q, ql, method=SimilarityNetwork.index_video)
-      t = call(t, tl, method=SimilarityNetwork.index_video)
-      return call(q, t, ql, tl, not features_only, method=SimilarityNetwork.calculate_video_similarity)[0]
+      q = call(q.astype(jnp.float32), ql, method=SimilarityNetwork.index_video)
+      t = call(t.astype(jnp.float32), tl, method=SimilarityNetwork.index_video)
+      if not one_pass:
+        return call(q, t, ql, tl, not features_only, method=SimilarityNetwork.calculate_video_similarity)[0]
+      k = 1 if c.f2f_sim_module == 'Chamfer' else sim_lib.topk_size(q.shape[2], c.f_topk_rate)
+      f2f = _f2f_one_pass(q, t, k)
+      ok = (jnp.arange(q.shape[1]) < ql[0])[:, None] & (jnp.arange(t.shape[1])[None, :] < tl[:, None, None])
+      f2f = call(jnp.where(ok[None], f2f, 0.), method=SimilarityNetwork.comparator_input)
+      if features_only:
+        return call(f2f, ql[:, None], tl[None, :], method=SimilarityNetwork.video_to_video)[0]
+      out, rows, cols = call(f2f, ql, tl, method=SimilarityNetwork.compare)
+      return call(sim_lib.hardtanh(out), rows, cols, method=SimilarityNetwork.video_to_video)[0]
     self.fn = jax.jit(fn)
 
-  def _pad(self, x, length):
-    out = np.zeros((length, *x.shape[1:]), np.float32)
-    out[:len(x)] = x
-    return out
-
   def warm_up(self) -> float:
-    """Compiles every (query bucket, target bucket) shape; returns the seconds it took."""
+    """Compiles every (query bucket, target bucket, block) shape; returns the seconds it took."""
     t0 = time.perf_counter()
     for lq in self.q_buckets:
       for lt in self.t_buckets:
         for b in self.blocks:
-          q = np.zeros((1, lq, *self.shape), np.float32)
-          t = np.zeros((b, lt, *self.shape), np.float32)
+          q = np.zeros((1, lq, *self.shape), np.float16)
+          t = np.zeros((b, lt, *self.shape), np.float16)
           jax.block_until_ready(self.fn(self.params, q, np.array([lq], np.int32), t, np.full(b, lt, np.int32)))
     return time.perf_counter() - t0
 
   def score(self, query, targets) -> np.ndarray:
     """Scores [len(targets)] of the query features [T, R, D] against each target [T', R, D]."""
     lq = bucket_of(len(query), self.q_buckets)
-    q = jnp.asarray(self._pad(query, lq)[None])
+    q = np.zeros((1, lq, *self.shape), np.float16)
+    q[0, :len(query)] = query
     ql = np.array([len(query)], np.int32)
     order = np.argsort([len(t) for t in targets], kind='stable')
     out = np.empty(len(targets), np.float32)
-    pending = []
-    s = 0
+    pending, s = [], 0
     while s < len(order):   # large blocks while they fill, then small ones
       b = next((b for b in self.blocks[::-1] if b <= len(order) - s), self.blocks[0])
-      part = order[s:s + b]
-      s += b
+      part, s = order[s:s + b], s + b
       lt = bucket_of(max(len(targets[i]) for i in part), self.t_buckets)
-      t = np.zeros((b, lt, *targets[part[0]].shape[1:]), np.float32)
+      t = np.zeros((b, lt, *self.shape), np.float16)
       tl = np.ones(b, np.int32)   # padding slots: one zero frame, score discarded
       for k, i in enumerate(part):
-        t[k, :len(targets[i])] = targets[i]
-        tl[k] = len(targets[i])
+        t[k, :len(targets[i])], tl[k] = targets[i], len(targets[i])
       pending.append((part, self.fn(self.params, q, ql, t, tl)))   # dispatched asynchronously
     for part, res in pending:
       out[part] = np.asarray(res)[:len(part)]
