@@ -53,3 +53,30 @@ def test_planted_copies_are_shortlisted():
   _, top = index.search(np.stack([coarse.describe(q) for q in queries]), len(database) // 20)
   for i, row in enumerate(top):
     assert {2 * i, 2 * i + 1} <= set(row.tolist()), i
+
+
+@pytest.mark.parametrize('features_only', [False, True])
+def test_shortlist_scorer_equals_the_engine(tmp_path, features_only):
+  # the bench's per-query shortlist scorer (one matmul over all query regions, padded blocks) must give the
+  # engine's scores, network and features-only alike, or its coarse-to-fine mAPs would not be the engine's
+  import h5py
+  import jax
+  from bench import shortlist
+  from common_jax import mesh as mesh_lib
+  from hapvr_jax import engine as engine_lib, features, model as model_lib
+  rng = np.random.default_rng(3)
+  cfg = model_lib.ModelConfig(dims=32, attention=not features_only)
+  params = model_lib.init_params(cfg, seed=1)
+  videos = {f'v{i}': _unit(rng.normal(size=(int(n), 9, 32))) for i, n in enumerate(rng.integers(3, 30, 12))}
+  with h5py.File(tmp_path / 'f.h5', 'w') as f:
+    for k, v in videos.items():
+      f[k] = v.astype(np.float16)   # as the index stores them: the scorer's float16 input is then exact
+  ff = features.FeatureFile(str(tmp_path / 'f.h5'), dims=32, min_len=cfg.min_len)
+  ids = sorted(videos)
+  engine = engine_lib.Engine(cfg, params, mesh_lib.make_mesh(devices=jax.local_devices()[:1]),
+                             engine_lib.EngineConfig(features_only=features_only))
+  want = engine.score(ff, ids[:2], ids[2:], progress=False)
+  scorer = shortlist.Scorer(cfg, params, 32, 32, features_only=features_only, blocks=(4, 8))
+  for i, q in enumerate(ids[:2]):
+    got = scorer.score(ff.read(q).astype(np.float16), [ff.read(v).astype(np.float16) for v in ids[2:]])
+    np.testing.assert_allclose(got, want[i], atol=1e-5)
