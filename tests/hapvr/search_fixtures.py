@@ -133,9 +133,10 @@ def make_resnet(path, pca_dims=0, seed=0):
 
 
 def fitted_resnet(path, videos, pca_dims=32, seed=0):
-  """A tiny random resnet50_irmac whose PCA whitening is fitted (backbones.fit_pca) on the iRMAC regions of
+  """A tiny random resnet50_irmac whose PCA whitening is fitted (extraction.fit_pca) on the iRMAC regions of
   `videos`' frames: with a random PCA the random backbone's features collapse to one direction."""
-  from backbones import fit_pca, registry, resnet as resnet_lib
+  from backbones import registry, resnet as resnet_lib
+  from extraction import fit_pca
   from extraction.runner import Video
   cfg = dataclasses.replace(resnet_lib.Config.tiny(), pca_dims=pca_dims)
   net = registry.Backbone('resnet50_irmac', cfg, resnet_lib.init_params(cfg, seed))

@@ -1,4 +1,4 @@
-"""backbones.fit_pca: the fitted whitening, the file the converter reads, random weights made meaningful, the CLI.
+"""extraction.fit_pca: the fitted whitening, the file the converter reads, random weights made meaningful, the CLI.
 
 The tiny ResNet (480-d iRMAC, 32-d PCA) keeps every test to a few seconds; the full-size check on the real clips
 is the end-to-end search test's.
@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from backbones import fit_pca, registry, resnet
+from backbones import registry, resnet
+from extraction import fit_pca
 from tests import video_fixtures
 
 CFG = resnet.Config.tiny()

@@ -3,7 +3,7 @@ r"""PCA whitening fitted on the iRMAC region vectors of your own frames, for the
 ViSiL's `pca_resnet50_vcdb_1M.pth` was learned on VCDB frames. Without it, or for footage of another kind, fit
 the same whitening (mean, eigenvalues d, eigenvectors V) on your collection and give it to the converter:
 
-  python -m backbones.fit_pca --resnet=ckpt/resnet50_plain --video_dir=my_videos --output=pca_mine.npz \
+  python -m extraction.fit_pca --resnet=ckpt/resnet50_plain --video_dir=my_videos --output=pca_mine.npz \
       --output_resnet=ckpt/resnet50_irmac_mine
   python -m backbones.convert_backbone --arch=resnet50_irmac --torch_checkpoint=resnet50-0676ba61.pth \
       --pca=pca_mine.npz --output=ckpt/resnet50_irmac
