@@ -353,6 +353,17 @@ def _one_line(message: str) -> str:
   return '; '.join(line.strip() for line in message.splitlines() if line.strip())
 
 
+def program(define_flags, run, doc: str = ''):
+  """`main(argv=None) -> int` of a flag program whose whole work is `run(args)`: flags parsed by parse_flags,
+  bad input and file-system errors as one line (clear_errors)."""
+  def main(argv=None) -> int:
+    args = parse_flags(define_flags, argv, doc)
+    with clear_errors():
+      run(args)
+    return 0
+  return main
+
+
 def run_main(main) -> None:
   """The `if __name__ == '__main__':` body of a flag program: absl's start-up (app.run: logging, fault
   handler), then `sys.exit(main(sys.argv[1:]))`. The program parses its own flags (parse_flags); absl's global

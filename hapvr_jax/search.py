@@ -250,11 +250,7 @@ def run(args) -> dict:
   return {'results': results, 'timings': timings, 'shortlist': shortlist}
 
 
-def main(argv=None) -> int:
-  args = cli.parse_flags(define_flags, argv, __doc__)
-  with cli.clear_errors():
-    run(args)
-  return 0
+main = cli.program(define_flags, run, __doc__)
 
 
 if __name__ == '__main__':
