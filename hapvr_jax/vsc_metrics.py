@@ -14,9 +14,11 @@ Descriptor-track micro-AP (pair level): candidate pairs sorted by score; AP = (1
 group of equal score of (true pairs in the group) * precision after the group, which for distinct scores is
 the usual sum of precision at each true pair.
 
-VCSL segment precision/recall: per video pair, P and R as above but from all of that pair's predictions at
-once; recall is averaged over the ground-truth pairs (0 for a pair with no prediction), precision over the
-predicted pairs (0 for a pair with no ground truth), and F = 2PR / (P + R).
+VCSL segment precision/recall, per video pair: on each axis, precision is the time each predicted box shares
+with the ground-truth boxes it overlaps (as rectangles), summed over predicted boxes and divided by their
+summed length; recall the same with the roles swapped; P and R are the products of the two axes. A pair with
+predictions and no ground truth has P 0 and R 1, one with ground truth and no prediction P 1 and R 0. Pairs
+(those in the ground truth or the predictions) are averaged per query, then over queries; F = 2PR / (P + R).
 """
 from __future__ import annotations
 
@@ -143,21 +145,44 @@ def descriptor_ap(gt_pairs, predictions) -> AP:
   return _ap(ap, curve)
 
 
+def _clip(a, b, axis):
+  """The part of `a`'s interval on `axis` inside `b`'s."""
+  (s0, e0), (s1, e1) = a.interval(axis), b.interval(axis)
+  return max(s0, s1), min(e0, e1)
+
+
+def _covered(boxes, others, axis) -> tuple[float, float]:
+  """(sum over `boxes` of the time each shares with the `others` it overlaps, sum of their lengths)."""
+  shared = sum(length([_clip(b, o, axis) for o in others if _boxes_overlap(b, o)]) for b in boxes)
+  return shared, sum(b.interval(axis)[1] - b.interval(axis)[0] for b in boxes)
+
+
+def _ratio(boxes, others) -> float:
+  """The product over both axes of the covered fraction of `boxes`' own (summed) length."""
+  out = 1.0
+  for axis in (0, 1):
+    shared, total = _covered(boxes, others, axis)
+    out *= shared / total if total > 0 else 0.0
+  return out
+
+
+def vcsl_pair_pr(gts, preds) -> tuple[float, float]:
+  """VCSL's (precision, recall) of one video pair; a pair with no prediction has precision 1 and recall 0,
+  one with no ground truth precision 0 and recall 1."""
+  if not gts or not preds:
+    return (1.0 if not preds else 0.0), (1.0 if not gts else 0.0)
+  return _ratio(preds, gts), _ratio(gts, preds)
+
+
 def vcsl_prf(gts, predictions) -> dict:
-  """VCSL's segment-level precision, recall and F-score, averaged over video pairs."""
+  """VCSL's segment-level precision, recall and F-score over the pairs in the ground truth or predictions,
+  averaged over each query's pairs and then over queries."""
   gt_pairs, pred_pairs = _by_pair(gts), _by_pair(predictions)
-  precisions, recalls = [], []
+  per_query = defaultdict(list)
   for pair in set(gt_pairs) | set(pred_pairs):
-    g, p = gt_pairs.get(pair, []), pred_pairs.get(pair, [])
-    if not g or not p:   # a missed pair (recall 0) or a false one (precision 0)
-      (recalls if g else precisions).append(0.0)
-      continue
-    inter, pred_len, gt_len = pair_overlaps(g, p)
-    if min(pred_len) > 0:
-      precisions.append(math.sqrt(inter[0] / pred_len[0] * inter[1] / pred_len[1]))
-    if min(gt_len) > 0:
-      recalls.append(math.sqrt(inter[0] / gt_len[0] * inter[1] / gt_len[1]))
-  precision = float(np.mean(precisions)) if precisions else 0.0
-  recall = float(np.mean(recalls)) if recalls else 0.0
+    per_query[pair[0]].append(vcsl_pair_pr(gt_pairs.get(pair, []), pred_pairs.get(pair, [])))
+  if not per_query:
+    return {'precision': 0.0, 'recall': 0.0, 'f_score': 0.0}
+  precision, recall = np.mean([np.mean(v, axis=0) for v in per_query.values()], axis=0).tolist()
   f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
   return {'precision': precision, 'recall': recall, 'f_score': f}

@@ -30,7 +30,7 @@ def test_perfect_predictions_score_one():
 def test_no_predictions_score_zero():
   assert M.matching_ap(GT, []).ap == 0.0
   assert M.descriptor_ap({g.pair for g in GT}, []).ap == 0.0
-  assert M.vcsl_prf(GT, []) == {'precision': 0.0, 'recall': 0.0, 'f_score': 0.0}
+  assert M.vcsl_prf(GT, []) == {'precision': 1.0, 'recall': 0.0, 'f_score': 0.0}   # VCSL: nothing claimed
   with pytest.raises(M.MetricError):
     M.matching_ap([], GT)
 
@@ -43,9 +43,11 @@ def test_partial_overlap():
   # a prediction twice as long on the query axis, half outside: P_q = 5/10, P_r = 5/5 -> P = sqrt(1/2)
   preds = [m('Q1', 'R1', 5, 15, 25, 30, 0.9)]
   assert M.matching_ap(GT, preds).ap == pytest.approx(np.sqrt(0.5) * 0.25)
-  prf = M.vcsl_prf(GT, preds)   # pair Q1: P sqrt(1/2), R 1/2; pair Q2 missed: R 0
-  assert prf['precision'] == pytest.approx(np.sqrt(0.5))
-  assert prf['recall'] == pytest.approx(0.25)
+  # VCSL, products of the axes: pair Q1 P 5/10 * 5/5, R 5/10 * 5/10; pair Q2 missed: P 1, R 0
+  prf = M.vcsl_prf(GT, preds)
+  assert prf['precision'] == pytest.approx((0.5 + 1) / 2)
+  assert prf['recall'] == pytest.approx(0.25 / 2)
+  assert prf['f_score'] == pytest.approx(2 * 0.75 * 0.125 / (0.75 + 0.125))
 
 
 def test_duplicates_count_once():
@@ -54,7 +56,7 @@ def test_duplicates_count_once():
   ap = M.matching_ap(GT, preds)
   assert ap.ap == pytest.approx(0.5)   # the whole of pair 1 (half the ground truth), precision 1
   assert len(ap.recalls) == 1
-  assert M.vcsl_prf(GT, preds)['precision'] == pytest.approx(1.0)
+  assert M.vcsl_prf(GT, preds) == pytest.approx({'precision': 1.0, 'recall': 0.5, 'f_score': 2 / 3})
 
 
 def test_false_positive_with_a_high_score():
@@ -70,6 +72,10 @@ def test_false_positive_with_a_high_score():
   # a box in the right pair, disjoint from the truth: it adds predicted length and no overlap
   wrong_place = [m('Q1', 'R1', 40, 50, 40, 50, 0.99), m('Q1', 'R1', 0, 10, 20, 30, 0.5)]
   assert M.matching_ap(GT, wrong_place).ap == pytest.approx(0.5 * 0.5)
+  # VCSL: the false pair Q9-R1 has P 0, R 1; pair Q1's box in the wrong place halves its precision
+  assert M.vcsl_pair_pr([GT[0]], wrong_place) == pytest.approx((0.5 * 0.5, 1.0))
+  prf = M.vcsl_prf(GT, preds)
+  assert prf['precision'] == pytest.approx((1 + 1 + 0) / 3) and prf['recall'] == pytest.approx(1.0)
 
 
 def test_descriptor_ap_matches_brute_force():
