@@ -43,6 +43,11 @@ def test_partial_overlap():
   # a prediction twice as long on the query axis, half outside: P_q = 5/10, P_r = 5/5 -> P = sqrt(1/2)
   preds = [m('Q1', 'R1', 5, 15, 25, 30, 0.9)]
   assert M.matching_ap(GT, preds).ap == pytest.approx(np.sqrt(0.5) * 0.25)
+  # only the truth a prediction overlaps as a rectangle counts: the second prediction shares the query time of
+  # segment B but not its reference time, so it adds no recall on either axis
+  two = [m('Q', 'R', 0, 10, 0, 10), m('Q', 'R', 20, 30, 20, 30)]
+  preds2 = [m('Q', 'R', 0, 10, 0, 10, 0.9), m('Q', 'R', 20, 30, 40, 50, 0.8)]
+  assert M.matching_ap(two, preds2).ap == pytest.approx(0.5)
   # VCSL, products of the axes: pair Q1 P 5/10 * 5/5, R 5/10 * 5/10; pair Q2 missed: P 1, R 0
   prf = M.vcsl_prf(GT, preds)
   assert prf['precision'] == pytest.approx((0.5 + 1) / 2)
@@ -66,6 +71,11 @@ def test_false_positive_with_a_high_score():
   # descriptor track: ranks FP, TP, TP (one tie group of two): AP = (2 * 2/3) / 2
   pairs = vsc.pairs_from_matches(preds)
   assert M.descriptor_ap({g.pair for g in GT}, pairs).ap == pytest.approx(2 / 3)
+  # a tie is one step whatever the input order: {true Q1, false Q9} at P 1/2, R 1/2, then Q2 at P 2/3, R 1
+  tied = [dataclasses.replace(GT[0], score=0.5), m('Q9', 'R1', 0, 10, 0, 10, 0.5),
+          dataclasses.replace(GT[1], score=0.4)]
+  for order in (tied, tied[::-1]):
+    assert M.matching_ap(GT, order).ap == pytest.approx(0.5 * 0.5 + 2 / 3 * 0.5)
   # the same false positive ranked last costs nothing
   preds[0] = dataclasses.replace(preds[0], score=0.1)
   assert M.matching_ap(GT, preds).ap == pytest.approx(1.0)
@@ -121,12 +131,16 @@ def _cli(*args):
 def test_cli_end_to_end(tmp_path):
   vsc.write_matches(str(tmp_path / 'gt.csv'), GT)
   vsc.write_matches(str(tmp_path / 'pred.csv'), [m('Q1', 'R1', 5, 10, 25, 30, 0.9), m('Q7', 'R1', 0, 1, 0, 1)])
+  # the descriptor track from its own file: the true pair ranked below a false one -> AP 1/2
+  vsc.write_pairs(str(tmp_path / 'pairs.csv'), [vsc.Pair('Q2', 'R2', 0.5), vsc.Pair('Q1', 'R2', 0.8)])
   out = tmp_path / 'eval'
-  r = _cli(f'--predictions={tmp_path / "pred.csv"}', f'--ground_truth={tmp_path / "gt.csv"}', f'--output={out}')
+  r = _cli(f'--predictions={tmp_path / "pred.csv"}', f'--ground_truth={tmp_path / "gt.csv"}', f'--output={out}',
+           f'--descriptor_predictions={tmp_path / "pairs.csv"}')
   assert r.returncode == 0, r.stderr
   metrics = json.loads((out / 'metrics.json').read_text())
   # the unknown query first (1 s per axis, no overlap), then 5 of the 20 s of truth: P 5/6 at R 1/4
   assert metrics['matching_micro_ap'] == pytest.approx(5 / 6 * 0.25)
+  assert metrics['descriptor_micro_ap'] == pytest.approx(0.5 * 0.5)   # 1 of 2 true pairs, at precision 1/2
   assert metrics['unknown_id_predictions'] == 1 and metrics['false_pair_predictions'] == 1
   assert (out / 'pr_curve.png').read_bytes()[:4] == b'\x89PNG'
   assert 'matching_micro_ap' in r.stdout
@@ -135,6 +149,10 @@ def test_cli_end_to_end(tmp_path):
   r = _cli(f'--predictions={tmp_path / "pred.csv"}', f'--ground_truth={tmp_path / "gt.csv"}')
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [f'error: {tmp_path / "pred.csv"}:2: 6 fields, the header has 7']
+  (tmp_path / 'gt.csv').write_text(','.join(vsc.MATCH_COLUMNS[:-1]) + '\nQ1,R1,0,10,-2,30\n')
+  r = _cli(f'--predictions={tmp_path / "pairs.csv"}', f'--ground_truth={tmp_path / "gt.csv"}')
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [f'error: {tmp_path / "gt.csv"}:2: negative time ref_start=-2']
 
 
 def test_evaluate_counts():
