@@ -27,44 +27,61 @@ def colour(i: int) -> str:
   return PALETTE[i % len(PALETTE)]
 
 
-def data_uri(img: np.ndarray, fmt: str = 'JPEG', quality: int = 80) -> str:
-  """A uint8 [H, W, 3] RGB image as a data: URI (JPEG for photographs, PNG for flat or exact images)."""
+def data_uri(img: np.ndarray, fmt: str = 'JPEG', quality: int = 80, palette: np.ndarray | None = None) -> str:
+  """A uint8 [H, W, 3] RGB image as a data: URI (JPEG for photographs, PNG for flat or exact images); with a
+  uint8 [N, 3] `palette`, `img` is [H, W] indices into it (a palette PNG: a third of the bytes of RGB)."""
   buf = io.BytesIO()
   kwargs = {'quality': quality, 'optimize': True} if fmt == 'JPEG' else {'optimize': True}
-  Image.fromarray(np.ascontiguousarray(img, np.uint8)).save(buf, format=fmt, **kwargs)
+  image = Image.fromarray(np.ascontiguousarray(img, np.uint8))
+  if palette is not None:   # an 'L' image with a palette becomes a 'P' one
+    image.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
+  image.save(buf, format=fmt, **kwargs)
   mime = 'image/jpeg' if fmt == 'JPEG' else 'image/png'
   return f'data:{mime};base64,' + base64.b64encode(buf.getvalue()).decode('ascii')
 
 
+def palette(levels: int = 256, name: str = 'viridis') -> np.ndarray:
+  """uint8 [levels, 3]: matplotlib's colour map `name` at `levels` evenly spaced points of [0, 1]."""
+  from matplotlib import colormaps
+  return (colormaps[name](np.linspace(0, 1, levels))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def levels_of(values: np.ndarray, vmin: float, vmax: float, levels: int) -> np.ndarray:
+  """int64 indices 0..levels-1 of `values` on [vmin, vmax] (nearest level, clipped)."""
+  span = vmax - vmin if vmax > vmin else 1.0
+  return np.round(np.clip((np.asarray(values, np.float64) - vmin) / span, 0, 1) * (levels - 1)).astype(np.int64)
+
+
 def colormap(values: np.ndarray, vmin: float, vmax: float, name: str = 'viridis') -> np.ndarray:
   """uint8 [..., 3] colours of `values` on matplotlib's colour map `name`, [vmin, vmax] -> [0, 1] (clipped)."""
-  from matplotlib import colormaps
-  lut = (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
-  span = vmax - vmin if vmax > vmin else 1.0
-  idx = np.clip((np.asarray(values, np.float64) - vmin) / span, 0, 1)
-  return lut[np.round(idx * 255).astype(np.int64)]
+  return palette(256, name)[levels_of(values, vmin, vmax, 256)]
 
 
-def heatmap(m: np.ndarray, max_side: int) -> tuple[np.ndarray, float, float, float]:
+def heatmap(m: np.ndarray, max_side: int, lo: float | None = None, hi: float | None = None,
+            levels: int = 64) -> tuple[np.ndarray, float, float, float]:
   """A 2-D map as an image for a plot at most `max_side` px on a side, with square cells.
 
-  Returns (uint8 [h, w, 3] image, px per cell, vmin, vmax). A small map is enlarged by a whole number of px
-  per cell (crisp cells, exact positions); a large one is reduced by max-pooling blocks of cells (a thin
-  bright diagonal survives, an average would fade it) and is drawn stretched to px per cell * the map size.
-  Colours span the map's own range, which the page shows in a colour bar."""
+  Returns (uint8 [h, w] indices into palette(levels), px per cell, vmin, vmax): `levels` colours are as many
+  as the eye tells apart on a small heatmap, and keep a noisy map's PNG small. A small map is enlarged by a
+  whole number of px per cell (crisp cells, exact positions); a large one is reduced by max-pooling blocks of
+  cells (a thin bright diagonal survives, an average would fade it) and is drawn stretched to px per cell *
+  the map size.
+  Colours span [lo, hi] widened to hold every value (None: the map's own minimum or maximum)."""
   m = np.asarray(m, np.float64)
   finite = m[np.isfinite(m)]
   vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+  vmin, vmax = min(vmin, lo) if lo is not None else vmin, max(vmax, hi) if hi is not None else vmax
   m = np.where(np.isfinite(m), m, vmin)
   side = max(m.shape)
   if side <= max_side:
     k = max_side // side
-    return colormap(np.repeat(np.repeat(m, k, 0), k, 1), vmin, vmax), float(k), vmin, vmax
+    img = levels_of(np.repeat(np.repeat(m, k, 0), k, 1), vmin, vmax, levels).astype(np.uint8)
+    return img, float(k), vmin, vmax
   block = -(-side // max_side)
   rows, cols = -(-m.shape[0] // block) * block, -(-m.shape[1] // block) * block
   padded = np.pad(m, ((0, rows - m.shape[0]), (0, cols - m.shape[1])), mode='edge')
   pooled = padded.reshape(rows // block, block, cols // block, block).max(axis=(1, 3))
-  return colormap(pooled, vmin, vmax), max_side / side, vmin, vmax
+  return levels_of(pooled, vmin, vmax, levels).astype(np.uint8), max_side / side, vmin, vmax
 
 
 @dataclasses.dataclass(frozen=True)

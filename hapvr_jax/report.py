@@ -15,7 +15,9 @@ The input is plain data, one dict per query:
                 'sim_map': float [Tq, Tr] | None, 'map_fps': float}, ...]}
 
 Times are seconds; map row i covers query time [i / map_fps, (i + 1) / map_fps), column j the same on the
-reference. A duration left out is read from the video's header, else taken from the map and the segments.
+reference. The heatmap's colours span similarity 0 to 1 (wider when the map goes outside) for every pair, so
+maps can be compared at a glance. A duration left out is read from the video's header, else taken from the map
+and the segments.
 """
 from __future__ import annotations
 
@@ -39,17 +41,23 @@ Q_BAR, R_BAR = (20.0, 32.0), (68.0, 80.0)   # (top, bottom) y of the query and r
 AXES_H = 98
 HEAT_SIDE = 216       # the heatmap's longer side, px
 HEAT_MARGIN = (46, 10, 62, 36)   # left, top, right, bottom
+HEAT_LEVELS = 64                 # colours of the heatmap
+COLOUR_RANGE = (0.0, 1.0)        # heatmap colours, widened to hold any value outside: the same for every pair,
+                                 # so that a weak map looks weak
 
 
-def _duration(path: str | None, given) -> float | None:
+def _duration(path: str | None, given, cache: dict) -> float | None:
+  """The given duration, else the one in the file's header (read once per file), else None."""
   if given is not None and given > 0:
     return float(given)
-  if path and os.path.isfile(path):
+  if not path:
+    return None
+  if ('duration', path) not in cache:
     try:
-      return video_io.probe(path).duration or None
+      cache['duration', path] = video_io.probe(path).duration or None
     except video_io.VideoError:
-      return None
-  return None
+      cache['duration', path] = None
+  return cache['duration', path]
 
 
 def _extent(duration: float | None, map_spans, ends) -> float:
@@ -75,7 +83,7 @@ def strip_html(label: str, path: str | None, extent: float, cache: dict) -> str:
     if key not in cache:
       try:
         strip, times = thumbnails.frame_strip(path, N_FRAMES, CELL, THUMB_H, duration=extent)
-        cache[key] = (hp.data_uri(strip, 'JPEG', quality=82), times)
+        cache[key] = (hp.data_uri(strip, 'JPEG', quality=75), times)
       except video_io.VideoError as e:
         logging.warning('report: no frames for %s (%s)', path, e)
         cache[key] = (None, str(e))
@@ -115,7 +123,7 @@ def heatmap_svg(sim_map, fps: float, segments) -> str:
   if sim_map is None:
     return _placeholder('no similarity map', HEAT_SIDE, HEAT_SIDE)
   m = np.asarray(sim_map, np.float64)
-  img, px, vmin, vmax = hp.heatmap(m, HEAT_SIDE)
+  img, px, vmin, vmax = hp.heatmap(m, HEAT_SIDE, *COLOUR_RANGE, levels=HEAT_LEVELS)
   left, top, right, bottom = HEAT_MARGIN
   w, h = m.shape[1] * px, m.shape[0] * px
   xs, ys = hp.TimeScale(left, w, m.shape[1] / fps), hp.TimeScale(top, h, m.shape[0] / fps)
@@ -123,7 +131,7 @@ def heatmap_svg(sim_map, fps: float, segments) -> str:
   parts = [f'<svg class="heat" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.2f} {height:.2f}" '
            'xmlns="http://www.w3.org/2000/svg">',
            f'<image class="map" x="{left}" y="{top}" width="{w:.2f}" height="{h:.2f}" preserveAspectRatio="none" '
-           f'href="{hp.data_uri(img, "PNG")}"/>',
+           f'href="{hp.data_uri(img, "PNG", palette=hp.palette(HEAT_LEVELS))}"/>',
            f'<rect x="{left}" y="{top}" width="{w:.2f}" height="{h:.2f}" class="frame"/>',
            hp.svg_axis(xs, top + h, target=4), hp.svg_axis(ys, left, horizontal=False, target=4),
            hp.svg_text(left + w / 2, top + h + 30, 'reference (s)', cls='axlab'),
@@ -161,7 +169,7 @@ def segments_table(segments) -> str:
 def result_html(r: dict, q_extent: float, cache: dict) -> str:
   segments = [tuple(float(v) for v in s) for s in r.get('segments') or ()]
   sim_map, fps = r.get('sim_map'), float(r.get('map_fps') or 1.0)
-  duration = _duration(r.get('path'), r.get('duration'))
+  duration = _duration(r.get('path'), r.get('duration'), cache)
   spans = [np.shape(sim_map)[1] / fps] if sim_map is not None else []
   r_extent = _extent(duration, spans, [s[3] for s in segments])
   path = r.get('path')
@@ -181,7 +189,7 @@ def result_html(r: dict, q_extent: float, cache: dict) -> str:
 
 def query_html(index: int, q: dict, cache: dict) -> str:
   results = sorted(q.get('results') or (), key=lambda r: r['rank'])
-  duration = _duration(q.get('path'), q.get('duration'))
+  duration = _duration(q.get('path'), q.get('duration'), cache)
   spans = [np.shape(r['sim_map'])[0] / float(r.get('map_fps') or 1.0) for r in results
            if r.get('sim_map') is not None]
   ends = [float(s[1]) for r in results for s in r.get('segments') or ()]
@@ -229,7 +237,7 @@ def check(queries: list[dict]) -> None:
 def write_report(out_dir: str, queries: list[dict], title: str = 'HAP-VR search') -> str:
   """Writes `out_dir`/index.html (atomically) for `queries` (see the module doc) and returns its path."""
   check(queries)
-  cache = {}   # one decoding per video and time span, however many queries list it
+  cache = {}   # one probe per video and one decoding per video and time span, however often it is listed
   nav = ''.join(f'<li><a href="#q{i}">{hp.escape(q["id"])}</a> <span class="muted">'
                 f'{len(q.get("results") or ())} results</span></li>' for i, q in enumerate(queries))
   sections = ''.join(query_html(i, q, cache) for i, q in enumerate(queries))
