@@ -242,7 +242,7 @@ def write_report(out_dir: str, queries: list[dict], title: str = 'HAP-VR search'
                 f'{len(q.get("results") or ())} results</span></li>' for i, q in enumerate(queries))
   sections = ''.join(query_html(i, q, cache) for i, q in enumerate(queries))
   page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{hp.escape(title)}</title>'
-          f'<style>{report_style.CSS}</style></head><body><h1>{hp.escape(title)}</h1>'
+          f'<style>{report_style.css(LABEL_W, CELL)}</style></head><body><h1>{hp.escape(title)}</h1>'
           f'<p class="muted">{len(queries)} quer{"y" if len(queries) == 1 else "ies"}</p><ul class="nav">{nav}</ul>'
           f'{sections}</body></html>\n')
   path = os.path.join(out_dir, 'index.html')

@@ -1,6 +1,8 @@
 """The report page's style sheet (hapvr_jax.report), inline in the page so that it needs no other file."""
 
-CSS = """
+import string
+
+_CSS = string.Template("""
 body { font: 13px/1.4 "DejaVu Sans", "Liberation Sans", Arial, sans-serif; color: #1d2330; background: #eef0f4;
        margin: 0 auto; padding: 12px 14px 40px; max-width: 1180px; }
 h1 { font-size: 20px; margin: 4px 0 2px; }
@@ -13,15 +15,16 @@ h2 { font-size: 16px; margin: 0 0 2px; }
 .qid, .rid { font-family: "DejaVu Sans Mono", monospace; word-break: break-all; }
 .path { color: #4b5563; font-size: 12px; word-break: break-all; margin: 0 0 6px; }
 .row { display: flex; align-items: flex-start; }
-.lab { width: 70px; flex: none; padding: 22px 8px 0 0; text-align: right; color: #4b5563; font-weight: 600; }
+.lab { width: ${label_text}px; flex: none; padding: 22px 8px 0 0; text-align: right; color: #4b5563;
+       font-weight: 600; }
 img.strip { display: block; border-radius: 3px; }
 .times { display: flex; }
-.times span { width: 116px; text-align: center; font-size: 11px; color: #4b5563; }
+.times span { width: ${cell}px; text-align: center; font-size: 11px; color: #4b5563; }
 .ph { display: flex; align-items: center; justify-content: center; background: repeating-linear-gradient(
       45deg, #f3f4f6, #f3f4f6 8px, #e5e7eb 8px, #e5e7eb 16px); border: 1px dashed #9ca3af; border-radius: 3px;
       color: #4b5563; font-size: 12px; text-align: center; overflow: hidden; }
 .ph span { padding: 0 8px; word-break: break-all; }
-.none { font-style: italic; color: #6b7280; margin: 10px 0 0 78px; }
+.none { font-style: italic; color: #6b7280; margin: 10px 0 0 ${label}px; }
 .result { border-top: 1px solid #e5e7eb; margin-top: 12px; padding-top: 10px; }
 .head { display: flex; align-items: baseline; gap: 14px; flex-wrap: wrap; }
 .rank { font-weight: 700; font-size: 15px; color: #111827; }
@@ -42,8 +45,13 @@ svg text.boxlab { font-weight: 700; font-size: 11px; paint-order: stroke; stroke
 .map { image-rendering: pixelated; }
 .halo { fill: none; stroke: #fff; stroke-width: 4; stroke-opacity: .85; }
 .box { fill: none; stroke-width: 2; }
-.segs { border-collapse: collapse; margin: 6px 0 0 78px; font-size: 12px; }
+.segs { border-collapse: collapse; margin: 6px 0 0 ${label}px; font-size: 12px; }
 .segs td { padding: 1px 14px 1px 0; white-space: nowrap; }
 .sw { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 5px;
       vertical-align: -1px; }
-"""
+""")
+
+
+def css(label_w: int, cell: int) -> str:
+  """The sheet for a label column of `label_w` px (text and an 8 px gap) and thumbnail cells of `cell` px."""
+  return _CSS.substitute(label=label_w, label_text=label_w - 8, cell=cell)
