@@ -158,7 +158,8 @@ def draw_edits(rng, settings: Settings, names) -> dict:
       f = rng.uniform(0.5, 1.5)
       p = {'size': [_even(w * f), _even(h * f)]}
     elif name == 'low_bitrate':   # bits per pixel and frame: 0.02-0.06 is well below what the crf gives
-      p = {'bitrate': int(round(rng.uniform(0.02, 0.06) * w * h * settings.fps))}
+      # x264 takes whole kbit/s: tiny frames get at least 4
+      p = {'bitrate': max(4000, int(round(rng.uniform(0.02, 0.06) * w * h * settings.fps)))}
     else:
       raise ValueError(f'unknown edit {name!r} (known: {", ".join(EDITS)})')
     out[name] = p

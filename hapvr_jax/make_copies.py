@@ -102,20 +102,21 @@ def input_videos(spec: str) -> list[str]:
   return paths
 
 
-def load_strands(paths: list[str], settings: cc.Settings, tiles: int, min_frames: int):
+def load_strands(paths: list[str], settings: cc.Settings, tiles: int):
   """(strands, their names): the disjoint tiles of each input long enough for a segment."""
   strands, names = [], []
+  min_seconds = settings.segment_seconds[0]
   for path in paths:
     frames = ce.decode(path, settings.fps, short_side=tiles * settings.size[1])
-    if len(frames) < min_frames:
+    if len(frames) < max(1, round(min_seconds * settings.fps)):
       logging.warning('skipped %s: %.2f s at %d fps is shorter than --min_segment=%g s', path,
-                      len(frames) / settings.fps, settings.fps, min_frames / settings.fps)
+                      len(frames) / settings.fps, settings.fps, min_seconds)
       continue
     for k, tile in enumerate(ce.tiles(frames, settings.size, tiles)):
       strands.append(tile)
       names.append(f'{os.path.basename(path)}:tile{k}' if tiles > 1 else os.path.basename(path))
   if not strands:
-    raise cli.UsageError(f'no input video is at least --min_segment={min_frames / settings.fps:g} s long')
+    raise cli.UsageError(f'no input video is at least --min_segment={min_seconds:g} s long')
   return strands, names
 
 
@@ -217,8 +218,7 @@ def run(args) -> dict:
   cli.check_workdir(args.output)
   settings = settings_from(args)
   paths = input_videos(args.videos)
-  min_frames = max(1, int(round(args.min_segment * args.fps)))
-  strands, names = load_strands(paths, settings, args.tiles, min_frames)   # bad input fails before any write
+  strands, names = load_strands(paths, settings, args.tiles)   # bad input fails before any write
   os.makedirs(args.output, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.make_copies-', dir=args.output)
   try:
