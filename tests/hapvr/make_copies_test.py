@@ -103,6 +103,15 @@ def test_ground_truth_is_where_the_frames_went(corpus):
     expected = expected_view(ref[idx], q['edits'], (w, h))
     errors = frame_errors(query[q0:q1], expected, q['edits'])
     assert errors.max() <= MATCH, (q['query_id'], q['edits'], errors)
+    if q1 - q0 != r1 - r0:   # a speed change: each query frame is closest to the reference frame the map gives
+      near = np.arange(max(0, r0 - 3), min(len(ref), r1 + 3))
+      candidates = expected_view(ref[near], q['edits'], (w, h))
+      table = np.array([frame_errors(query[q0:q1], c[None].repeat(q1 - q0, 0), q['edits']) for c in candidates])
+      best = near[np.argmin(table, axis=0)]
+      # still footage has several equally good frames: the mapped one is among the best (within a level)
+      mapped_error = table[idx - near[0], np.arange(q1 - q0)]
+      assert np.all(mapped_error <= table.min(axis=0) + 1), (q['query_id'], best, idx)
+      assert np.mean(np.abs(best - idx) <= 1) >= 0.5, (q['query_id'], best, idx)
     # to the frame: the same comparison one or two frames earlier or later agrees worse on average
     for shift in (-2, -1, 1, 2):
       if 0 <= q0 + shift and q1 + shift <= len(query):
@@ -116,6 +125,38 @@ def test_ground_truth_is_where_the_frames_went(corpus):
         views = expected_view(ref, {k: v for k, v in q['edits'].items() if k != 'pip'}, (w, h))[:, ::2, ::2]
         best = min(np.median(np.abs(f[::2, ::2] - views).reshape(len(views), -1), axis=1).min() for f in query)
         assert best > MATCH, (q['query_id'], best)   # no frame passes the test the copies pass
+
+
+def code(frame):
+  """The frame index a coded frame shows; -1 for other footage (synthetic filler)."""
+  try:
+    return vf.frame_index(frame)
+  except AssertionError:
+    return -1
+
+
+def test_speed_changes_map_time_exactly(tmp_path):
+  """Footage whose frames show their own index (tests.video_fixtures) played through whole-frame tiles: every
+  query frame in a copied segment is the reference frame that the time map gives, at any speed."""
+  vf.make_video(str(tmp_path / 'coded.mp4'), seconds=16.0, audio_hz=None, size=(320, 240))
+  records = build(str(tmp_path / 'out'), f'--videos={tmp_path / "coded.mp4"}', '--tiles=1', '--seed=2',
+                  '--edits=speed,rescale', '--max_edits=2', '--queries=6', '--no_copy=0')
+  speeds = [s['speed'] for q in records for s in q['segments']]
+  assert min(speeds) < 0.75 and max(speeds) > 1.4, speeds   # the seed draws clear slow-downs and speed-ups
+  codes = {}
+  for q in records:
+    shown = [code(f) for f in decode(str(tmp_path / 'out' / 'queries' / f'{q["query_id"]}.mp4'))]
+    for s in q['segments']:
+      if s['ref_id'] not in codes:
+        ref = decode(str(tmp_path / 'out' / 'refs' / f'{s["ref_id"]}.mp4'))
+        codes[s['ref_id']] = np.array([vf.frame_index(f) for f in ref])
+      q0, q1 = round(s['query_start'] * FPS), round(s['query_end'] * FPS)
+      r0, r1 = round(s['ref_start'] * FPS), round(s['ref_end'] * FPS)
+      idx = r0 + np.floor((np.arange(q1 - q0) + 0.5) * (r1 - r0) / (q1 - q0)).astype(int)
+      np.testing.assert_array_equal(shown[q0:q1], codes[s['ref_id']][idx])
+      # the frames around the segment are other footage: never a frame of the copied stretch
+      outside = shown[max(0, q0 - 2):q0] + shown[q1:q1 + 2]
+      assert not set(outside) & set(codes[s['ref_id']][r0:r1].tolist()), (outside, q['query_id'])
 
 
 def test_layout_lists_and_ids(corpus):
