@@ -20,7 +20,8 @@ Writes into `--output`, replacing what an earlier run wrote there (built under a
   ground_truth.csv         query_id,ref_id,query_start,query_end,ref_start,ref_end in seconds (hapvr_jax.vsc)
   edits.jsonl              per query: its segments, edits and their parameters, and its filler footage
 An input shorter than --min_segment is skipped with a logged warning; an unreadable one is one error line,
-exit 2, with nothing written. The default run on the three shared clips takes a few seconds.
+exit 2, with nothing written. The default run on the three shared clips (4 references, 50 s; 16 queries,
+161 s; 15 copied segments) takes about 5 s of CPU.
 """
 from __future__ import annotations
 
