@@ -21,6 +21,11 @@ def _top_k(values, o):
   return ref, w, w >= o.threshold
 
 
+def _long_enough(path, o) -> bool:
+  """Whether a path spans min_length frames in both videos (most chance paths do not: skip cutting them)."""
+  return min(path[-1] - path[0]) + 1 >= o.min_length
+
+
 def tn(values, o, cut):
   """Temporal network: heaviest chains of top-k nodes, each step moving 1..max_gap+1 frames forward in both
   videos and paying gap_penalty per frame beyond two (a step of two frames is a 2x or 0.5x copy)."""
@@ -52,8 +57,8 @@ def tn(values, o, cut):
       chain.append(end)
       used.flat[end] = True
       end = back.flat[end]
-    rows = np.array(chain[::-1]) // k
-    segments = cut(np.stack([rows, ref.flat[chain[::-1]]], axis=1))
+    path = np.stack([np.array(chain[::-1]) // k, ref.flat[chain[::-1]]], axis=1)
+    segments = cut(path) if _long_enough(path, o) else []
     for s in segments:
       used |= ((np.arange(tq)[:, None] >= s.q_start) & (np.arange(tq)[:, None] < s.q_end)
                & (ref >= s.r_start) & (ref < s.r_end))
@@ -91,7 +96,8 @@ def hv(values, o, cut):
     if pairs[si, bi] < bound:
       break
     s, b = speeds[si], bi - shift + 0.5
-    near = alive & (np.abs(r - s * q - b) <= 1.5)
+    # a faster copy matches each query frame to several reference frames: the line is that much wider
+    near = alive & (np.abs(r - s * q - b) <= 1 + max(s, 1) / 2)
     before = len(found)
     for piece in _line_paths(q[near], r[near], wt[near], s, o.max_gap):
       found += cut(piece)
@@ -156,7 +162,8 @@ def dp(values, o, cut):
         if g + best[i + 2 - di, j + 2 - dj] == b:
           i, j = i - di, j - dj
           break
-    segments = cut(np.array(path[::-1]))
+    path = np.array(path[::-1])
+    segments = cut(path) if _long_enough(path, o) else []
     for s in segments:
       used[s.q_start:s.q_end, s.r_start:s.r_end] = True
     found += segments
