@@ -68,6 +68,16 @@ class Options:
 _COMMON = ('normalize', 'threshold', 'min_mean', 'min_length', 'max_gap', 'max_speed', 'max_segments')
 _OWN = {'tn': ('top_k', 'gap_penalty'), 'hv': ('top_k',), 'dp': (), 'dtw': ()}
 NORMALIZED_DEFAULTS = {'threshold': 3.0, 'min_mean': 4.0}
+_RULES = {  # option: (must be an integer, test, what it must be)
+    'threshold': (False, math.isfinite, 'a finite number'),
+    'min_mean': (False, math.isfinite, 'a finite number'),
+    'min_length': (True, lambda v: v >= 1, 'an integer >= 1'),
+    'max_gap': (True, lambda v: v >= 0, 'an integer >= 0'),
+    'max_speed': (False, lambda v: 1 <= v < math.inf, 'a finite number >= 1'),
+    'max_segments': (True, lambda v: v >= 1, 'an integer >= 1'),
+    'top_k': (True, lambda v: v >= 1, 'an integer >= 1'),
+    'gap_penalty': (False, lambda v: 0 <= v < math.inf, 'a finite number >= 0'),
+}
 
 
 def _options(method: str, given: dict) -> Options:
@@ -78,24 +88,18 @@ def _options(method: str, given: dict) -> Options:
   if unknown:
     raise ValueError(f'method {method!r} has no option {", ".join(unknown)} (its options: {", ".join(allowed)})')
   o = Options(**given)
+  if not isinstance(o.normalize, (bool, np.bool_)):
+    raise ValueError(f'option normalize={o.normalize!r} must be True or False')
   for name in ('threshold', 'min_mean'):
     if getattr(o, name) is None:
       if not o.normalize:
         raise ValueError(f'option {name} must be given with normalize=False (raw similarity units)')
       o = dataclasses.replace(o, **{name: NORMALIZED_DEFAULTS[name]})
-  checks = {'threshold': math.isfinite(o.threshold), 'min_mean': math.isfinite(o.min_mean),
-            'min_length': o.min_length >= 1, 'max_gap': o.max_gap >= 0, 'max_speed': o.max_speed >= 1,
-            'max_segments': o.max_segments >= 1, 'top_k': o.top_k >= 1,
-            'gap_penalty': o.gap_penalty >= 0 and math.isfinite(o.gap_penalty)}
-  wants = {'threshold': 'a finite number', 'min_mean': 'a finite number', 'min_length': '>= 1',
-           'max_gap': '>= 0', 'max_speed': '>= 1', 'max_segments': '>= 1', 'top_k': '>= 1',
-           'gap_penalty': 'finite and >= 0'}
-  for name, ok in checks.items():
-    if not ok:
-      raise ValueError(f'option {name}={getattr(o, name)!r} must be {wants[name]}')
-  for name in ('min_length', 'max_gap', 'max_segments', 'top_k'):
-    if int(getattr(o, name)) != getattr(o, name):
-      raise ValueError(f'option {name}={getattr(o, name)!r} must be an integer')
+  for name, (integer, ok, want) in _RULES.items():
+    v = getattr(o, name)
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(v, bool) or not isinstance(v, kinds) or not ok(v):
+      raise ValueError(f'option {name}={v!r} must be {want}')
   return o
 
 

@@ -199,6 +199,8 @@ def test_methods_table_and_seconds():
     ('tn', {'max_speed': 0.5}, 'max_speed=0.5'),
     ('hv', {'threshold': float('nan')}, 'threshold=nan'),
     ('tn', {'top_k': 2.5}, 'top_k=2.5 must be an integer'),
+    ('hv', {'min_mean': '4'}, "min_mean='4' must be a finite number"),
+    ('dtw', {'normalize': 'no'}, "normalize='no' must be True or False"),
     ('dp', {'normalize': False}, 'threshold must be given with normalize=False'),
 ])
 def test_bad_method_or_option(method, options, message):
