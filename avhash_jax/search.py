@@ -4,7 +4,7 @@ r"""Search an AVHash index by Hamming distance: which indexed videos are closest
       --clip=ckpt/clip_vitl14 --ast=ckpt/ast
 
   python -m avhash_jax.search --index=my_index --query_id=video1            # a video already in the index
-  python -m avhash_jax.search --index=my_index --queries=queries.txt ...   # one id or video path a line
+  python -m avhash_jax.search --index=my_index --queries=queries.txt       # one id or video path a line
 
 A query video goes through the same extractor and checkpoint as the index (a checkpoint other than the one
 the index was built with is refused). Its code is compared with every indexed code (common_jax.hamming: the

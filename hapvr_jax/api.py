@@ -82,6 +82,19 @@ class Model:
     score, f2f, c = self._stages()(self.params, q, t)
     return Similarity(float(score), np.asarray(f2f), np.asarray(c))
 
+  def localize(self, a, b, method: str = 'tn', which: str = 'f2f', **options) -> list:
+    """Where `a` copies part of `b`: [(a_start, a_end, b_start, b_end, score)] in seconds (at this model's fps),
+    found by hapvr_jax.localize on the pair's f2f or comparator map (hapvr_jax.matches)."""
+    from hapvr_jax import matches
+    return matches.segments(self._pair_maps()(self.features(a), self.features(b)), which, method, self.fps,
+                            **options)
+
+  def _pair_maps(self):
+    from hapvr_jax import matches
+    if getattr(self, '_maps', None) is None:
+      self._maps = matches.PairMaps(self.config, self.params)
+    return self._maps
+
   @property
   def engine(self):
     if self._engine is None:
@@ -157,8 +170,10 @@ class Index:
     if len(self.ix):
       index_lib.refresh_coarse(self.ix)
 
-  def search(self, query, top_k: int = 10, shortlist='all', min_score: float = -np.inf) -> list:
-    """Ranked hits for one query: an id in the index, a video file or features [T, R, D]."""
+  def search(self, query, top_k: int = 10, shortlist='all', min_score: float = -np.inf,
+             localize: str | None = None) -> list:
+    """Ranked hits for one query: an id in the index, a video file or features [T, R, D]. `localize`: an
+    alignment method ('tn', ...) that adds each hit's copied segments (seconds) under 'segments'."""
     if isinstance(query, str) and query in self.ix and not os.path.isfile(query):
       item = (query, self.ix.read(query, 'features'), self.ix.read(query, 'coarse'))
     else:
@@ -167,4 +182,9 @@ class Index:
     k = search_lib.parse_shortlist(str(shortlist), len(self.ix)) if len(self.ix) else 0
     if not k:
       raise ValueError(f'{self.ix.path}: the index is empty; add videos first')
-    return search_lib.search(self.ix, self.model.engine, [item], k, top_k, min_score)[0]
+    rows = search_lib.search(self.ix, self.model.engine, [item], k, top_k, min_score)[0]
+    if localize:
+      from hapvr_jax import matches
+      matches.localize_results([rows], {item[0]: item[1]}, lambda v: self.ix.read(v, 'features'),
+                               self.model._pair_maps(), self.ix.config['fps'], method=localize)
+    return rows

@@ -9,8 +9,17 @@ Stage 1 shortlists `--shortlist` candidates per query (a count, a percentage suc
 inner product of the coarse descriptors (hapvr_jax.coarse, in FAISS); stage 2 scores the shortlist with the
 similarity network through the evaluation engine (bucketed, batched, sharded over the devices).
 `--shortlist=all` scores every video: the same scores as hapvr_jax.evaluate. Prints a ranked table per query
-(rank, id, path, score, coarse score) and the time of each stage, and writes results.jsonl and results.csv
-into `--output`. Bad input (an unreadable query video, an empty index, an unknown id, a checkpoint or
+(rank, id, path, score, coarse score) and the time of each stage, and writes results.jsonl, results.csv and the
+VSC descriptor-track candidates.csv (query_id,ref_id,score) into `--output`.
+
+`--localize` also finds where each reported pair matches (hapvr_jax.matches, hapvr_jax.localize): zero or more
+segments (query_start, query_end, ref_start, ref_end, score) in seconds per result, in results.jsonl and in the
+VSC matching-track matches.csv. `--report=DIR` writes DIR/index.html, a self-contained page with the frame
+strips, scores, segments and frame-similarity maps of every result (hapvr_jax.report):
+
+  python -m hapvr_jax.search --index=my_index --checkpoint=ckpt/hapvr --resnet=ckpt/resnet50_irmac \
+      --queries=queries.txt --localize --report=report --output=results
+ Bad input (an unreadable query video, an empty index, an unknown id, a checkpoint or
 backbone whose feature size differs from the index's, a corrupt index file) is one error line, exit 2.
 """
 from __future__ import annotations
@@ -126,14 +135,19 @@ def _ranked(ix: IndexDir, qid: str, scored: list, top_k: int, min_score: float) 
 
 
 def write_results(output: str, results: list) -> tuple:
-  """results.jsonl and results.csv in `output`, each written under a temporary name and renamed."""
+  """results.jsonl, results.csv, candidates.csv (and matches.csv of localised results) in `output`, each
+  written under a temporary name and renamed."""
+  from hapvr_jax import matches, vsc
   os.makedirs(output, exist_ok=True)
-  rows = [r for per_query in results for r in per_query]
+  rows = [{k: v for k, v in r.items() if k != 'sim_map'} for per_query in results for r in per_query]
   jsonl, csv_path = os.path.join(output, 'results.jsonl'), os.path.join(output, 'results.csv')
+  vsc.write_pairs(os.path.join(output, 'candidates.csv'), matches.vsc_pairs(results))
+  if any('segments' in r for r in rows):
+    vsc.write_matches(os.path.join(output, 'matches.csv'), matches.vsc_matches(results))
   with io_util.atomic_open(jsonl) as f:
     f.writelines(json.dumps(r) + '\n' for r in rows)
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, COLUMNS, lineterminator='\n')
+  writer = csv.DictWriter(buf, COLUMNS, lineterminator='\n', extrasaction='ignore')
   writer.writeheader()
   writer.writerows(rows)
   with io_util.atomic_open(csv_path) as f:
@@ -148,8 +162,10 @@ def table(results: list) -> str:
       continue
     lines.append(f'query {per_query[0]["query"]}')
     lines.append(f'{"rank":>4}  {"id":<24} {"score":>7} {"coarse":>7}  path')
-    lines += [f'{r["rank"]:>4}  {r["id"]:<24} {r["score"]:7.4f} {r["coarse_score"]:7.4f}  {r["path"]}'
-              for r in per_query]
+    for r in per_query:
+      lines.append(f'{r["rank"]:>4}  {r["id"]:<24} {r["score"]:7.4f} {r["coarse_score"]:7.4f}  {r["path"]}')
+      lines += [f'{"":>6}copy: query {s[0]:.1f}-{s[1]:.1f} s = ref {s[2]:.1f}-{s[3]:.1f} s ({s[4]:.3f})'
+                for s in r.get('segments', [])]
   return '\n'.join(lines)
 
 
@@ -213,7 +229,15 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('top_k', 10, 'results per query', flag_values=fv, lower_bound=1)
   flags.DEFINE_string('shortlist', '1000', 'candidates re-ranked per query: N, P% or all', flag_values=fv)
   flags.DEFINE_float('min_score', float('-inf'), 'drop results scoring below this', flag_values=fv)
-  flags.DEFINE_string('output', '.', 'folder for results.jsonl and results.csv', flag_values=fv)
+  flags.DEFINE_string('output', '.', 'folder for results.jsonl, results.csv, candidates.csv and matches.csv',
+                      flag_values=fv)
+  flags.DEFINE_bool('localize', False, 'find the copied segments of every reported pair', flag_values=fv)
+  flags.DEFINE_enum('localize_method', 'tn', ['tn', 'hv', 'dp', 'dtw'],
+                    'temporal alignment (hapvr_jax.localize)', flag_values=fv)
+  flags.DEFINE_enum('localize_map', 'f2f', ['f2f', 'comparator'], 'the map aligned: frame-to-frame '
+                    "similarities, or the comparator's output at frame resolution", flag_values=fv)
+  flags.DEFINE_string('report', '', 'write an HTML page of the results into this folder (implies --localize)',
+                      flag_values=fv)
   flags.DEFINE_bool('progress', True, 'show progress bars', flag_values=fv)
   flags.DEFINE_string('compilation_cache', os.environ.get('JAX_COMPILATION_CACHE_DIR') or '~/.cache/hapvr_jax/xla',
                       "persistent XLA compilation cache ('' = off): later searches skip compiling",
@@ -227,6 +251,8 @@ def run(args) -> dict:
   from hapvr_jax import engine as engine_lib
   from hapvr_jax import model as model_lib
   cli.check_workdir(args.output)
+  if args.report:
+    cli.check_workdir(args.report)
   timings = {}
   ix = IndexDir.open(args.index, index_lib.KIND)
   if len(ix) == 0:
@@ -242,7 +268,17 @@ def run(args) -> dict:
   cli.enable_compilation_cache(args.compilation_cache)
   engine = engine_lib.Engine(model_config, params, mesh_lib.make_mesh(devices=jax.local_devices()))
   results = search(ix, engine, queries, shortlist, args.top_k, args.min_score, args.progress, timings)
+  if args.localize or args.report:
+    from hapvr_jax import matches
+    t0 = time.time()
+    matches.localize_index_results(ix, results, queries, model_config, params, args.localize_map,
+                                   args.localize_method, keep_maps=bool(args.report))
+    timings['localize_s'] = time.time() - t0
   jsonl, csv_path = write_results(args.output, results)
+  if args.report:
+    from hapvr_jax import report
+    page = report.write_report(args.report, matches.report_queries(ix, results, items, queries))
+    print(f'report: {page}')
   print(table(results))
   timings = {k: round(v, 3) for k, v in timings.items()}
   print(f'{len(queries)} quer{"y" if len(queries) == 1 else "ies"}, {shortlist} of {len(ix)} videos re-ranked '

@@ -1,0 +1,63 @@
+"""hapvr_jax.matches and `search --localize / --report`: the pair maps equal the network's own (api.similarity),
+the comparator map is its output repeated to frame resolution, a near copy is localised on its diagonal, and the
+VSC CSVs hold what results.jsonl holds."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from hapvr_jax import api, index, matches, search, vsc
+from hapvr_jax.features import tiled_length
+
+
+@pytest.mark.parametrize('nq, nt', [(5, 13), (22, 37)])
+def test_pair_maps_equal_the_networks_maps(checkpoint32, nq, nt):
+  rng = np.random.default_rng(nq)
+  q, t = (rng.normal(size=(n, 9, 32)).astype(np.float32) for n in (nq, nt))
+  model = api.load(checkpoint32)
+  want = model.similarity(q, t)
+  got = matches.PairMaps(model.config, model.params)(q, t)
+  assert got['f2f'].shape == got['comparator'].shape == (nq, nt)
+  np.testing.assert_allclose(got['f2f'], want.f2f[:nq, :nt], atol=1e-5)
+  tq, tt = (tiled_length(n, model.config.min_len) for n in (nq, nt))
+  # cell (i, j) of the comparator map is the output cell (i // 4, j // 4); frames past the last full block of
+  # four (when n % 4 != 0) repeat the last output row/column
+  rows = np.minimum(np.arange(nq) // 4, tq // 4 - 1)
+  cols = np.minimum(np.arange(nt) // 4, tt // 4 - 1)
+  np.testing.assert_allclose(got['comparator'], want.comparator[rows][:, cols], atol=1e-5)
+  assert matches.bucket(13) == 64 and matches.bucket(65) == 128 and matches.bucket(3, smallest=16) == 16
+
+
+def test_search_localizes_a_near_copy_and_writes_the_vsc_csvs(corpus, checkpoint32, tmp_path):
+  ix_path, out = str(tmp_path / 'ix'), tmp_path / 'out'
+  assert index.main([f'--index={ix_path}', f'--features={corpus["features"]}', '--noprogress']) == 0
+  assert search.main([f'--index={ix_path}', f'--checkpoint={checkpoint32}', '--query_id=v00', '--shortlist=all',
+                      '--top_k=3', '--localize', f'--output={out}', '--noprogress']) == 0
+  rows = [json.loads(line) for line in open(out / 'results.jsonl')]
+  with h5py.File(corpus['features']) as f:
+    n0 = len(f['v00'])
+  # v01 is a noisy copy of v00 frame for frame (index fps 1): one segment on the diagonal, within a frame
+  copy = next(r for r in rows if r['id'] == 'v01')
+  assert copy['segments'], copy
+  qs, qe, rs, re_, score = copy['segments'][0]
+  assert abs(qs - 0) <= 1 and abs(qe - n0) <= 1 and abs(rs - 0) <= 1 and abs(re_ - n0) <= 1 and score > 0
+  assert all(len(s) == 5 and s[0] <= s[1] and s[2] <= s[3] for r in rows for s in r['segments'])
+  got = vsc.read_matches(str(out / 'matches.csv'))
+  want = [(r['query'], r['id'], *s) for r in rows for s in r['segments']]
+  assert [(m.query_id, m.ref_id, m.query_start, m.query_end, m.ref_start, m.ref_end, m.score) for m in got] == \
+      pytest.approx(want) if want else not got
+  pairs = vsc.read_pairs(str(out / 'candidates.csv'))
+  assert [(p.query_id, p.ref_id) for p in pairs] == [(r['query'], r['id']) for r in rows]
+  np.testing.assert_allclose([p.score for p in pairs], [r['score'] for r in rows], rtol=1e-6)
+
+
+def test_search_report_names_every_result(corpus, checkpoint32, tmp_path):
+  ix_path = str(tmp_path / 'ix')
+  assert index.main([f'--index={ix_path}', f'--features={corpus["features"]}', '--noprogress']) == 0
+  assert search.main([f'--index={ix_path}', f'--checkpoint={checkpoint32}', '--query_id=v02', '--shortlist=all',
+                      '--top_k=4', f'--report={tmp_path}/report', f'--output={tmp_path}/out', '--noprogress']) == 0
+  rows = [json.loads(line) for line in open(tmp_path / 'out' / 'results.jsonl')]
+  page = open(os.path.join(tmp_path, 'report', 'index.html')).read()
+  assert len(rows) == 4 and all(r['id'] in page and 'segments' in r for r in rows)
