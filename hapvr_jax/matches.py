@@ -4,7 +4,7 @@ seconds (hapvr_jax.localize), and the VSC 2022 CSVs of both (hapvr_jax.vsc).
 A search scores every shortlisted pair through the evaluation engine, which keeps only the video-level score.
 The few pairs it reports are scored again here, one at a time, by a jitted function that returns the two maps a
 temporal alignment can read: the frame-to-frame map f2f [Tq, Tr] at the index's frame rate, and the comparator
-CNN's output [Tq/4, Tr/4] (clipped to [-1, 1]) brought back to frame resolution by repeating each cell 4x4.
+CNN's output [Tq/4, Tr/4] (clipped to [-1, 1]) brought back to frame resolution by linear interpolation.
 Lengths are padded to a few buckets (powers of two from 64) with masks, so a search compiles a handful of
 shapes whatever its videos' lengths; the maps are cropped to the videos' own frames (a video shorter than the
 network's min_len is tiled, and its first frames are the original ones).
@@ -46,8 +46,7 @@ class PairMaps:
         q, t = call(q[None], q_len, method=net.index_video), call(t[None], t_len, method=net.index_video)
         f2f = call(q, t, q_len, t_len, method=net.frame_to_frame)
         c, _, _ = call(call(f2f, method=net.comparator_input), q_len, t_len, method=net.compare)
-        up = jnp.repeat(jnp.repeat(sim_lib.hardtanh(c[0, 0]), 4, axis=0), 4, axis=1)
-        return f2f[0, 0], up
+        return f2f[0, 0], sim_lib.hardtanh(c[0, 0])
       self._fn = jax.jit(fn)
     return self._fn
 
@@ -57,11 +56,10 @@ class PairMaps:
     qt, tt = (tile_min_len(np.asarray(x, np.float32), self.config.min_len) for x in (q, t))
     qp, tp = (np.pad(x, ((0, bucket(len(x)) - len(x)), (0, 0), (0, 0))) for x in (qt, tt))
     f2f, comp = self._compiled()(self.params, qp, tp, np.int32(len(qt)), np.int32(len(tt)))
-    f2f, comp = np.asarray(f2f, np.float32), np.asarray(comp, np.float32)
-    # The comparator's cells past its pooled valid area are padding: those frames take the last valid cell.
-    rows, cols = max(len(qt) // 4, 1) * 4, max(len(tt) // 4, 1) * 4
-    comp = np.pad(comp[:rows, :cols], ((0, max(nq - rows, 0)), (0, max(nt - cols, 0))), mode='edge')
-    return {'f2f': f2f[:nq, :nt], 'comparator': comp[:nq, :nt]}
+    # The comparator's valid cells (pooled twice by 2) interpolated back to one per frame; the rest is padding.
+    comp = np.asarray(comp, np.float32)[:max(len(qt) // 4, 1), :max(len(tt) // 4, 1)]
+    comp = localize.upsample(comp, 4, shape=(len(qt), len(tt))).astype(np.float32)
+    return {'f2f': np.asarray(f2f, np.float32)[:nq, :nt], 'comparator': comp[:nq, :nt]}
 
 
 MIN_SECONDS = 2.0   # the shortest copy reported, whatever the index's frame rate (a few frames are noise)

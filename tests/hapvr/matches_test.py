@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hapvr_jax import api, index, matches, search, vsc
+from hapvr_jax import api, index, localize, matches, search, vsc
 from hapvr_jax.features import tiled_length
 
 
@@ -22,11 +22,11 @@ def test_pair_maps_equal_the_networks_maps(checkpoint32, nq, nt):
   assert got['f2f'].shape == got['comparator'].shape == (nq, nt)
   np.testing.assert_allclose(got['f2f'], want.f2f[:nq, :nt], atol=1e-5)
   tq, tt = (tiled_length(n, model.config.min_len) for n in (nq, nt))
-  # cell (i, j) of the comparator map is the output cell (i // 4, j // 4); frames past the last full block of
-  # four (when n % 4 != 0) repeat the last output row/column
-  rows = np.minimum(np.arange(nq) // 4, tq // 4 - 1)
-  cols = np.minimum(np.arange(nt) // 4, tt // 4 - 1)
-  np.testing.assert_allclose(got['comparator'], want.comparator[rows][:, cols], atol=1e-5)
+  # the comparator's output interpolated to one cell per frame of the (tiled) videos, cropped to their frames;
+  # frames 0 and 1 sit before the centre of output cell 0 (at -3/8 and -1/8 of a cell): they take its value
+  up = localize.upsample(want.comparator, 4, shape=(tq, tt))
+  np.testing.assert_allclose(got['comparator'], up[:nq, :nt], atol=1e-5)
+  np.testing.assert_allclose(got['comparator'][:2, :2], want.comparator[0, 0], atol=1e-5)
   assert matches.bucket(13) == 64 and matches.bucket(65) == 128 and matches.bucket(3, smallest=16) == 16
 
 
