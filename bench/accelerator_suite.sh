@@ -17,7 +17,7 @@
 # SUITE_ONLY=step,step runs only those steps. SUITE_PRECISION_ARGS replaces the precision step's data, e.g.
 # "--checkpoint=CKPT --dataset=fivr_5k --features=F.hdf5 --annotations=DIR" for a trained network.
 # PyTorch baselines run on CUDA where the bench supports it and PyTorch has it, otherwise on the CPU; the HAP-VR
-# train step at the original's batch skips its PyTorch side then (minutes a step on a CPU).
+# train step at the original's batch skips its PyTorch side then (8e12 FLOPs a step: too slow on a CPU).
 set -u -o pipefail
 
 STEPS=(engine_float32 engine_tf32 engine_bfloat16 hapvr_train avhash backbones coarse_to_fine precision)
@@ -101,13 +101,17 @@ step() {     # step bench limit setting reason command...
 }
 
 # ---------------------------------------------------------------------------------------------------- sizes
-# Accelerator sizes, estimated for one H100 (startup ~8 s a bench; compilation dominates most steps):
-#   engine      32 queries x 512 videos, mean 72 frames: 7.6e12 useful FLOPs a pass, 0.7 GB of features,
-#               14 length buckets to compile; the TF32 and bfloat16 steps 32 x 256 (half the FLOPs)
-#   train       the original's batch, 2 groups x 128 clips x 28 frames, D = 512: 8.0e12 FLOPs a step
-#   avhash      128 tuples, full size: 3.1e12 FLOPs a step (32 tuples when PyTorch runs on the CPU)
-#   backbones   16 frames / 4 AST segments: 3.9e12 FLOPs a round, 5 rounds of PyTorch on the CPU
-#   shortlist   8 queries x 400 videos (synthetic FIVR-like), 72 small scorer shapes to compile
+# Accelerator sizes and their estimated time on one H100 (about 8 s of start-up a bench; compilation dominates,
+# the FLOPs below take seconds at tens of TFLOP/s): ~440 s in all, and the budget stops the suite before 8 min.
+#   engine      32 queries x 512 videos, mean 72 frames: 7.6e12 useful FLOPs a pass, 0.7 GB of features, 14
+#               length buckets to compile, 200 pairs of the per-pair PyTorch loop on the CPU: ~50 s; TF32 and
+#               bfloat16 32 x 256 (half the FLOPs; their float32 reference hits the compilation cache): ~45 s each
+#   train       the original's batch, 2 groups x 128 clips x 28 frames, D = 512: 8.0e12 FLOPs a step, 5 steps
+#               a side: ~60 s
+#   avhash      128 tuples, full size: 3.1e12 FLOPs a step, 7 a side (32 tuples when PyTorch is on the CPU): ~50 s
+#   backbones   16 frames / 4 AST segments: 3.9e12 FLOPs a round, 5 rounds of PyTorch on the CPU: ~75 s
+#   shortlist   8 queries x 400 videos (synthetic FIVR-like), 72 small scorer shapes to compile: ~60 s;
+#               precision, 4 engine options on that corpus: ~50 s
 engine_args=(--queries=32 --database=512 --mean_len=64 --baseline_pairs=200)
 engine_low=(--queries=32 --database=256 --mean_len=64 --baseline_pairs=32)
 engine_setting='32 x 512 videos, mean 64 frames'
@@ -146,7 +150,7 @@ step engine_bfloat16 hapvr_eval "${limits[2]}" "$low_setting" '' \
   $PY bench/hapvr_eval.py "${engine_low[@]}" --dtype=bfloat16 --precision=default
 if [[ $torch_cuda == 0 && $platform != cpu ]]; then
   train_args+=(--skip_torch)
-  train_reason='this PyTorch has no CUDA, and the batch takes minutes a step on the CPU'
+  train_reason="this PyTorch has no CUDA, and the batch's 8e12 FLOPs a step are too slow on the CPU"
 fi
 step hapvr_train hapvr_train "${limits[3]}" "$train_setting" "${train_reason:-}" \
   $PY bench/hapvr_train.py "${train_args[@]}"
