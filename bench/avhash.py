@@ -258,6 +258,7 @@ def main():
   if a.json:
     with open(a.json, 'w') as f:
       json.dump(out, f, indent=2)
+  print('RESULT ' + json.dumps(out, default=float))
 
 
 if __name__ == '__main__':

@@ -132,6 +132,8 @@ def main(argv=None):
   if a.json:
     with open(a.json, 'w') as f:
       json.dump({'peak_gflops': peak / 1e9, 'results': out, 'args': vars(a)}, f, indent=1)
+  print('RESULT ' + json.dumps({'peak_gflops': peak / 1e9, 'results': out, 'device': jax.devices()[0].device_kind,
+                                'platform': jax.default_backend(), 'torch_device': 'cpu'}))
   return out
 
 

@@ -192,6 +192,7 @@ def run(args) -> dict:
   io_util.write_json(os.path.join(args.workdir, 'coarse_to_fine.json'),
                      json.loads(json.dumps(out, default=float)))
   print(f'\nwrote {png} and coarse_to_fine.json')
+  print('RESULT ' + json.dumps(out, default=float))
   return out
 
 

@@ -19,6 +19,7 @@ Figures, with their commands and devices: docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -221,6 +222,21 @@ def main():
         f'at this run\'s engine rate {total / (useful / warm) / 60:.1f} min; at the matmul roofline plus '
         f'{100 * waste:.1f}% padding {total / (1 - waste) / peak / 60:.1f} min; features to read '
         f'{read / 1e9:.0f} GB (float32)')
+  cost = (dict(max_abs_diff=float(d.max()), mean_abs_diff=float(d.mean()), same_top1=float(top1),
+               top10_overlap=float(top10)) if a.dtype != 'float32' or a.precision != 'highest' else None)
+  print('RESULT ' + json.dumps(dict(
+      device=jax.devices()[0].device_kind, platform=jax.default_backend(), dtype=a.dtype, precision=a.precision,
+      queries=a.queries, database=a.database, mean_len=a.mean_len, baseline_pairs=len(pairs),
+      baseline_pairs_per_s=base_rate, baseline_device='cpu', engine_pairs_per_s=n_pairs / warm,
+      engine_cold_s=cold, max_abs_diff_vs_baseline=diff, matmul_gflops=peak / 1e9, matmul32_gflops=peak32 / 1e9,
+      bandwidth_gb_s=bandwidth / 1e9, engine_gflops=useful / warm / 1e9, engine_fraction=useful / warm / peak,
+      accuracy_vs_float32=cost, block=dict(queries=nq, targets=nb, frames=L),
+      f2f_gflops=f2f_flops / t_f2f / 1e9, f2f_fraction=f2f_flops / t_f2f / peak, cnn_gflops=cnn_flops / t_cnn / 1e9,
+      cnn_fraction_float32=cnn_flops / t_cnn / peak32, cnn_fraction_bandwidth=cnn_bytes / t_cnn / bandwidth,
+      f2f_share=t_f2f / (t_f2f + t_cnn), projection=dict(
+          queries=a.project_queries, videos=len(db_len), source=source, flops=total,
+          minutes_at_engine_rate=total / (useful / warm) / 60,
+          minutes_at_roofline=total / (1 - waste) / peak / 60, padding=waste, features_gb=read / 1e9)), default=float))
 
 
 if __name__ == '__main__':

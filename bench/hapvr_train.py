@@ -27,6 +27,7 @@ Figures, with their commands and devices: docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -217,6 +218,13 @@ def main():
         f'{peak / 1e9:.1f} GFLOP/s; fraction {rate / peak:.3f}')
   if torch_med is not None:
     print(f'ratio jax/torch: {torch_med / jax_med:.2f}x steps/s')
+  print('RESULT ' + json.dumps(dict(
+      device=dev.device_kind, platform=dev.platform, torch_device=None if a.skip_torch else torch_desc,
+      groups=a.groups, clips=clips, frames=a.frames, dims=a.dims, compute_dtype=a.compute_dtype,
+      clips_per_step=per_step, gflop_per_step=flops / 1e9, jax_step_ms=jax_med * 1e3,
+      torch_step_ms=None if torch_med is None else torch_med * 1e3, jax_cold_s=cold, jax_first_loss=jax_first_loss,
+      torch_first_loss=torch_first_loss, jax_gflops=rate / 1e9, matmul_gflops=peak / 1e9, fraction=rate / peak,
+      ratio=None if torch_med is None else torch_med / jax_med), default=float))
 
 
 if __name__ == '__main__':

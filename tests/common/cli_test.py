@@ -21,7 +21,8 @@ from tests.conftest import ROOT  # noqa: E402
 FLAG_PROGRAMS = ('hapvr_jax.convert', 'avhash_jax.convert', 'backbones.convert_backbone',
                  'input_pipeline.avhash.make_shards', 'input_pipeline.hapvr.make_shards', 'hapvr_jax.extract',
                  'avhash_jax.extract', 'extraction.feature_writer', 'hapvr_jax.eval_matching',
-                 'hapvr_jax.make_copies', 'hapvr_jax.copy_demo', 'hapvr_jax.search', 'avhash_jax.search')
+                 'hapvr_jax.make_copies', 'hapvr_jax.copy_demo', 'hapvr_jax.search', 'avhash_jax.search',
+                 'bench.accelerator_suite')
 POSITIONAL = {'extraction.feature_writer': 'parts'}   # programs that take arguments after the flags
 LAUNCHERS = {'launch/tpu.py': tpu, 'launch/gpu.py': gpu}
 _COMMAND = re.compile(r'python (?:-m ([\w.]+)|(launch/\w+\.py))([^`\n]*)')
