@@ -38,7 +38,7 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import numpy as np  # noqa: E402
 
-from bench.common import load, matmul_peak, median_time  # noqa: E402
+from bench.common import load, matmul_peak  # noqa: E402
 
 ARCHS = ('resnet50_irmac', 'dino_vits16', 'clip_vitl14', 'ast')
 UNIT = {'ast': 'segments'}
