@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from backbones import fbank, registry
-from common_jax import cli
+from common_jax import cli, xla_cpu
 from extraction import runner as extraction
 from extraction import feature_writer
 from extraction import video_io
@@ -61,6 +61,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def extract(args) -> int:
+  xla_cpu.configure('clip_vitl14', 'ast')   # before JAX starts: XLA reads its options once
   videos, num_shards, shard_index = extraction.this_host(args)
   paths = {'image': extraction.shard_path(args.image_output, num_shards, shard_index),
            'audio': extraction.shard_path(args.audio_output, num_shards, shard_index)}

@@ -69,7 +69,7 @@ class Transformer(vl.ConfigModule):
     c = self.config
     for n in range(c.layers):
       x = vl.Block(c.num_heads, c.mlp_dim, c.layer_norm_eps, 'quick_gelu', BLOCK_NAMES, self.dtype, self.precision,
-                   name=f'resblocks_{n}')(x)
+                   self.fast_layout, name=f'resblocks_{n}')(x)
     return x
 
 
@@ -83,12 +83,11 @@ class Model(vl.ConfigModule):
     init = nn.initializers.normal(c.width ** -0.5)
     cls = self.param('class_embedding', init, (c.width,), jnp.float32)
     pos = self.param('positional_embedding', init, (1 + c.grid ** 2, c.width), jnp.float32)
-    p = c.patch_size
-    t = nn.Conv(c.width, (p, p), strides=(p, p), padding='VALID', use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, precision=self.precision, name='conv1')(x.astype(self.dtype))
-    t = vl.with_class_token(t.reshape(t.shape[0], -1, c.width), cls, pos, self.dtype)
+    t = vl.PatchProjection(c.width, c.patch_size, False, self.dtype, self.precision, self.fast_layout,
+                           name='conv1')(x.astype(self.dtype))
+    t = vl.with_class_token(t, cls, pos, self.dtype)
     t = vl.layer_norm(c.layer_norm_eps, 'ln_pre', self.dtype)(t)
-    t = Transformer(c, self.dtype, self.precision, name='transformer')(t)
+    t = Transformer(c, self.dtype, self.precision, self.fast_layout, name='transformer')(t)
     h = vl.layer_norm(c.layer_norm_eps, 'ln_post', self.dtype)(t[:, 0])
     proj = self.param('proj', init, (c.width, c.projection_dim), jnp.float32)
     return jnp.matmul(h, proj.astype(self.dtype), precision=self.precision).astype(jnp.float32)

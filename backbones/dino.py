@@ -69,10 +69,8 @@ class PatchEmbed(vl.ConfigModule):
 
   @nn.compact
   def __call__(self, x):
-    p = self.config.patch_size
-    y = nn.Conv(self.config.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                param_dtype=jnp.float32, precision=self.precision, name='proj')(x)
-    return y.reshape(y.shape[0], -1, y.shape[-1])       # row-major (h, w), as torch's flatten(2)
+    return vl.PatchProjection(self.config.hidden_size, self.config.patch_size, True, self.dtype, self.precision,
+                              self.fast_layout, name='proj')(x)
 
 
 class Model(vl.ConfigModule):
@@ -85,11 +83,11 @@ class Model(vl.ConfigModule):
     init = nn.initializers.truncated_normal(0.02)
     cls = self.param('cls_token', init, (1, 1, c.hidden_size), jnp.float32)
     pos = self.param('pos_embed', init, (1, 1 + c.grid ** 2, c.hidden_size), jnp.float32)
-    t = PatchEmbed(c, self.dtype, self.precision, name='patch_embed')(x.astype(self.dtype))
+    t = PatchEmbed(c, self.dtype, self.precision, self.fast_layout, name='patch_embed')(x.astype(self.dtype))
     t = vl.with_class_token(t, cls, pos, self.dtype)
     for n in range(c.depth):
       t = vl.Block(c.num_heads, c.mlp_dim, c.layer_norm_eps, 'gelu', dtype=self.dtype, precision=self.precision,
-                   name=f'blocks_{n}')(t)
+                   heads_major=self.fast_layout, name=f'blocks_{n}')(t)
     return vl.layer_norm(c.layer_norm_eps, 'norm', self.dtype)(t[:, 0]).astype(jnp.float32)
 
 

@@ -114,11 +114,30 @@ class FrozenBatchNorm(nn.Module):
     return x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
 
 
-def _conv(features: int, k: int, stride: int, pad: int, name: str, dtype) -> nn.Conv:
-  """torch Conv2d(bias=False) with explicit symmetric padding (Flax 'SAME' pads stride-2 convs asymmetrically)."""
+HE_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class PointwiseConv(nn.Module):
+  """A 1x1 torch Conv2d(bias=False) written as a matmul over channels (a strided one subsamples first), with
+  nn.Conv's parameter ('kernel' [1, 1, in, out]): XLA:CPU runs the dot faster than a 1x1 convolution."""
+  features: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', HE_INIT, (1, 1, x.shape[-1], self.features), jnp.float32)
+    x = x[:, ::self.stride, ::self.stride] if self.stride > 1 else x
+    return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+
+
+def _conv(features: int, k: int, stride: int, pad: int, name: str, dtype, pointwise_as_dot: bool = False):
+  """torch Conv2d(bias=False) with explicit symmetric padding (Flax 'SAME' pads stride-2 convs asymmetrically);
+  1x1 ones as `PointwiseConv` when `pointwise_as_dot`."""
+  if k == 1 and pad == 0 and pointwise_as_dot:
+    return PointwiseConv(features, stride, dtype, name=name)
   return nn.Conv(features, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
-                 dtype=dtype, param_dtype=jnp.float32, name=name,
-                 kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+                 dtype=dtype, param_dtype=jnp.float32, name=name, kernel_init=HE_INIT)
 
 
 class Downsample(nn.Module):
@@ -126,10 +145,12 @@ class Downsample(nn.Module):
   features: int
   stride: int
   dtype: Any = jnp.float32
+  pointwise_as_dot: bool = True
 
   @nn.compact
   def __call__(self, x):
-    return FrozenBatchNorm(self.dtype, name='1')(_conv(self.features, 1, self.stride, 0, '0', self.dtype)(x))
+    conv = _conv(self.features, 1, self.stride, 0, '0', self.dtype, self.pointwise_as_dot)
+    return FrozenBatchNorm(self.dtype, name='1')(conv(x))
 
 
 class Bottleneck(nn.Module):
@@ -137,15 +158,16 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: Any = jnp.float32
+  pointwise_as_dot: bool = True
 
   @nn.compact
   def __call__(self, x):
-    p, dt = self.planes, self.dtype
-    y = nn.relu(FrozenBatchNorm(dt, name='bn1')(_conv(p, 1, 1, 0, 'conv1', dt)(x)))
+    p, dt, pw = self.planes, self.dtype, self.pointwise_as_dot
+    y = nn.relu(FrozenBatchNorm(dt, name='bn1')(_conv(p, 1, 1, 0, 'conv1', dt, pw)(x)))
     y = nn.relu(FrozenBatchNorm(dt, name='bn2')(_conv(p, 3, self.stride, 1, 'conv2', dt)(y)))
-    y = FrozenBatchNorm(dt, name='bn3')(_conv(4 * p, 1, 1, 0, 'conv3', dt)(y))
+    y = FrozenBatchNorm(dt, name='bn3')(_conv(4 * p, 1, 1, 0, 'conv3', dt, pw)(y))
     if self.downsample:
-      x = Downsample(4 * p, self.stride, dt, name='downsample')(x)
+      x = Downsample(4 * p, self.stride, dt, pw, name='downsample')(x)
     return nn.relu(y + x)
 
 
@@ -155,11 +177,13 @@ class Stage(nn.Module):
   blocks: int
   stride: int
   dtype: Any = jnp.float32
+  pointwise_as_dot: bool = True
 
   @nn.compact
   def __call__(self, x):
     for b in range(self.blocks):
-      x = Bottleneck(self.planes, self.stride if b == 0 else 1, b == 0, self.dtype, name=str(b))(x)
+      x = Bottleneck(self.planes, self.stride if b == 0 else 1, b == 0, self.dtype, self.pointwise_as_dot,
+                     name=str(b))(x)
     return x
 
 
@@ -188,8 +212,11 @@ class PCA(nn.Module):
 
 
 class Model(nn.Module):
+  """`pointwise_as_dot`: the 1x1 convolutions as matmuls (the same numbers to float32 rounding; False: as
+  convolutions, the former formulation, kept for the benchmarks' before/after)."""
   config: Config
   dtype: Any = jnp.float32
+  pointwise_as_dot: bool = True
 
   @nn.compact
   def __call__(self, x, return_stages: bool = False):
@@ -201,7 +228,7 @@ class Model(nn.Module):
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))   # pads with -inf, as torch
     stages = []
     for i, blocks in enumerate(cfg.layers):
-      x = Stage(cfg.width * 2 ** i, blocks, 1 if i == 0 else 2, dt, name=f'layer{i + 1}')(x)
+      x = Stage(cfg.width * 2 ** i, blocks, 1 if i == 0 else 2, dt, self.pointwise_as_dot, name=f'layer{i + 1}')(x)
       stages.append(x)
     out = irmac(stages)
     if cfg.pca_dims:

@@ -45,6 +45,21 @@ def layer_norm(eps: float, name: str, dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def attention(q, k, v, dtype, precision, heads_major: bool):
+  """softmax(q k^T / sqrt(d)) v per head: q, k, v [B, T, H, Dh] -> [B, T, H * Dh]. `heads_major` moves the heads
+  before the tokens once, so both matmuls are plain batched ones (no per-head strided operands)."""
+  b, t, h, dh = q.shape
+  if heads_major:
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, precision=precision) * dh ** -0.5
+  else:
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, precision=precision) * dh ** -0.5
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+  if heads_major:
+    return jnp.einsum('bhqk,bhkd->bhqd', probs, v, precision=precision).transpose(0, 2, 1, 3).reshape(b, t, h * dh)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v, precision=precision).reshape(b, t, h * dh)
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (output channels ordered [q | k | v], heads inside)."""
   num_heads: int
@@ -52,16 +67,14 @@ class SelfAttention(nn.Module):
   out_name: str = 'proj'
   dtype: Any = jnp.float32
   precision: Any = None
+  heads_major: bool = True
 
   @nn.compact
   def __call__(self, x):
     b, t, d = x.shape
     h = self.num_heads
     qkv = dense(3 * d, self.qkv_name, self.dtype, self.precision)(x).reshape(b, t, 3, h, d // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, precision=self.precision) * (d // h) ** -0.5
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v, precision=self.precision).reshape(b, t, d)
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.dtype, self.precision, self.heads_major)
     return dense(d, self.out_name, self.dtype, self.precision)(out)
 
 
@@ -87,11 +100,12 @@ class Block(nn.Module):
   names: tuple = ('norm1', 'attn', 'qkv', 'proj', 'norm2', 'mlp', 'fc1', 'fc2')
   dtype: Any = jnp.float32
   precision: Any = None
+  heads_major: bool = True
 
   @nn.compact
   def __call__(self, x):
     na, attn, qkv, out, nb, mlp, fc1, fc2 = self.names
-    x = x + SelfAttention(self.num_heads, qkv, out, self.dtype, self.precision, name=attn)(
+    x = x + SelfAttention(self.num_heads, qkv, out, self.dtype, self.precision, self.heads_major, name=attn)(
         layer_norm(self.eps, na, self.dtype)(x))
     return x + Mlp(self.mlp_dim, self.act, (fc1, fc2), self.dtype, self.precision, name=mlp)(
         layer_norm(self.eps, nb, self.dtype)(x))
@@ -112,10 +126,40 @@ class ImageConfig(config_util.JsonConfig):
 
 
 class ConfigModule(nn.Module):
-  """A module built from a backbone config, with its compute dtype and matmul precision."""
+  """A module built from a backbone config, with its compute dtype and matmul precision. `fast_layout`: the
+  patch projection as a matmul and head-major attention (`PatchProjection`, `attention`); False keeps the
+  former convolution / token-major formulation, for the benchmarks' before/after (same numbers to rounding)."""
   config: Any
   dtype: Any = jnp.float32
   precision: Any = None
+  fast_layout: bool = True
+
+
+class PatchProjection(nn.Module):
+  """torch Conv2d(3, W, P, stride P) over non-overlapping patches, with nn.Conv's parameters (kernel [P, P, 3, W],
+  bias): as a reshape + matmul when `as_dot` (XLA:CPU's convolution with 3 input channels is slow), else as
+  nn.Conv. [B, H, W, 3] -> [B, (H / P) * (W / P), W] tokens, row-major over the grid as torch's flatten(2)."""
+  features: int
+  patch: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  precision: Any = None
+  as_dot: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    p, (b, hh, ww, c) = self.patch, x.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32)
+    if self.as_dot:
+      x = x.reshape(b, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+      y = jnp.matmul(x.astype(self.dtype), kernel.reshape(p * p * c, -1).astype(self.dtype), precision=self.precision)
+    else:
+      y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (p, p), 'VALID',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
+      y = y.reshape(b, -1, self.features)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+    return y
 
 
 def with_class_token(patches, cls, pos, dtype):

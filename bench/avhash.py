@@ -4,6 +4,10 @@ against a NumPy baseline, both measured in the same run.
   python bench/avhash.py                                   # full-size model, B = 8 (CPU) / 128 (GPU) tuples
   python bench/avhash.py --batch_size=4 --steps=3 --warmup=1 --queries=200
   python bench/avhash.py --skip_ranking --hidden=256 --heads=4 --intermediate=1024 --json=/tmp/avhash.json
+  python bench/avhash.py --skip_ranking --xla_options=xla_default   # the train step before the CPU options
+
+`--xla_options` picks the XLA:CPU option set (common_jax.xla_cpu; default: the one recommended for the AVHash
+train step, as avhash_jax.main uses); run the command once per set, back to back, to compare them.
 
 1. Train step. Same random batch (image/audio [B, 6, 25, H]: anchor, positive, 4 negatives; weight 1) and
    same initial weights on both sides: tests/references/avhash_torch.make_reference builds the PyTorch model
@@ -247,7 +251,14 @@ def main():
   p.add_argument('--skip_ranking', action='store_true')
   p.add_argument('--json', default='', help='write the results here')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--xla_options', default='avhash_train', help='XLA:CPU option set (common_jax.xla_cpu) or a '
+                 'model name for its recommended set; XLA_FLAGS given by the user win')
   a = p.parse_args()
+  from common_jax import xla_cpu
+  try:
+    xla_cpu.configure(a.xla_options)   # before JAX starts: the options are read once per process
+  except ValueError as e:
+    raise SystemExit(f'error: --xla_options: {e}')
   out = {'args': vars(a), 'cpu_count': os.cpu_count(), 'load_average_start': load()}
   print(f'{os.cpu_count()} CPU cores, load average {load()}')
   if not a.skip_train:

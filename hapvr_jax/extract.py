@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 
 from backbones import registry
-from common_jax import cli
+from common_jax import cli, xla_cpu
 from extraction import runner as extraction
 from extraction import feature_writer
 from extraction import video_io
@@ -116,6 +116,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def extract(args) -> int:
+  xla_cpu.configure('resnet50_irmac', *(('dino_vits16',) if args.mode == 'train' else ()))   # before JAX starts
   from hapvr_jax import augment  # pylint: disable=g-import-not-at-top
   videos, num_shards, shard_index = extraction.this_host(args)
   output = extraction.shard_path(args.output, num_shards, shard_index)
