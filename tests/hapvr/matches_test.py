@@ -21,6 +21,8 @@ def test_pair_maps_equal_the_networks_maps(checkpoint32, nq, nt):
   got = matches.PairMaps(model.config, model.params)(q, t)
   assert got['f2f'].shape == got['comparator'].shape == (nq, nt)
   np.testing.assert_allclose(got['f2f'], want.f2f[:nq, :nt], atol=1e-5)
+  # the video score under padding and masks equals the unpadded network's
+  assert got['score'] == pytest.approx(want.score, abs=1e-5)
   tq, tt = (tiled_length(n, model.config.min_len) for n in (nq, nt))
   # the comparator's output interpolated to one cell per frame of the (tiled) videos, cropped to their frames;
   # frames 0 and 1 sit before the centre of output cell 0 (at -3/8 and -1/8 of a cell): they take its value
