@@ -122,11 +122,14 @@ def evaluate(corpora, method: str, which: str, options: dict, score: str) -> dic
 
 
 def settings(args) -> list:
-  """[(method, map, options)] of this run: the --options, or every combination of the --grid on top."""
-  base, grid = json.loads(args.options), json.loads(args.grid or '{}')
-  names = sorted(grid)
-  combos = [dict(base, **dict(zip(names, values))) for values in itertools.product(*(grid[n] for n in names))]
-  return [(m, w, o) for m in args.methods.split(',') for w in args.maps.split(',') for o in combos]
+  """[(method, map, options)] of this run: the --options, or every combination of the --grid on top (a
+  method is given only the grid's options that it takes, so each of its settings comes once)."""
+  base, grid, out = json.loads(args.options), json.loads(args.grid or '{}'), []
+  for m in args.methods.split(','):
+    names = sorted(n for n in grid if n in localize.option_names(m) + ('min_seconds',))
+    for values in itertools.product(*(grid[n] for n in names)):
+      out += [(m, w, dict(base, **dict(zip(names, values)))) for w in args.maps.split(',')]
+  return out
 
 
 def main(argv=None):
