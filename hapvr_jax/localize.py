@@ -21,7 +21,7 @@ min_length frames in both videos, its speed is in range and its mean value is at
 Thresholds are scale-free by default: the map is first centred by the median of its rows and then of its
 columns (a query frame that resembles everything, or a uniformly high map, becomes zero) and divided by a
 robust spread of the whole map (1.4826 * median absolute deviation), so values are z-scores and the defaults
-threshold=3, min_mean=4 mean "well above this pair's own background". With normalize=False the thresholds
+threshold=2.5, min_mean=3 mean "well above this pair's own background". With normalize=False the thresholds
 apply to the raw similarities and must be given.
 
 A map computed at a lower frame rate (the comparator's output, at 1/4) should be brought to frame resolution
@@ -34,7 +34,9 @@ frame and report nothing where nothing was planted; dtw loses one of two copies 
 to stray matching cells, hv cuts a copy that changes speed, and on upsampled quarter-resolution maps hv
 (0.5x, 2x) and dtw (2x) usually fail while tn and dp stay within two frames of the small map. tn and dp are
 equal on all of these; tn is kept as the default because, unlike dp, it can follow copies faster than 2x
-(max_speed). A 300 x 300 map takes about 5-20 ms of CPU with any method.
+(max_speed). On copy corpora of real clips (bench/localisation.py, docs/hapvr_search.md) tn, hv and dp are
+within 0.02 matching µAP of each other and dtw well below. A 300 x 300 map takes about 5-20 ms of CPU with any
+method.
 """
 from __future__ import annotations
 
@@ -61,8 +63,8 @@ class Segment:
 class Options:
   """The options of align(); the ones marked with a method are used by that method only."""
   normalize: bool = True      # robust z-scores of the map (see the module docstring); False: raw values
-  threshold: float | None = None  # a cell matches when its value >= threshold (default 3.0 when normalised)
-  min_mean: float | None = None   # a segment's mean value along its path (default 4.0 when normalised)
+  threshold: float | None = None  # a cell matches when its value >= threshold (default 2.5 when normalised)
+  min_mean: float | None = None   # a segment's mean value along its path (default 3.0 when normalised)
   min_length: int = 5         # frames, in both videos
   max_gap: int = 4            # weaker cells in a row that a segment may bridge (dropped or edited frames)
   max_speed: float = 2.0      # the reference may play up to this much faster or slower (dp: at most 2)
@@ -73,7 +75,9 @@ class Options:
 
 _COMMON = ('normalize', 'threshold', 'min_mean', 'min_length', 'max_gap', 'max_speed', 'max_segments')
 _OWN = {'tn': ('top_k', 'gap_penalty'), 'hv': ('top_k',), 'dp': (), 'dtw': ()}
-NORMALIZED_DEFAULTS = {'threshold': 3.0, 'min_mean': 4.0}
+# tn's best matching µAP on copy corpora of real clips (bench/localisation.py: 3 and 4 lose recall; min_mean
+# 2.5 scored 0.02 higher but lets through pieces of copies faster than max_speed)
+NORMALIZED_DEFAULTS = {'threshold': 2.5, 'min_mean': 3.0}
 _RULES = {  # option: (must be an integer, test, what it must be)
     'threshold': (False, math.isfinite, 'a finite number'),
     'min_mean': (False, math.isfinite, 'a finite number'),
@@ -84,6 +88,11 @@ _RULES = {  # option: (must be an integer, test, what it must be)
     'top_k': (True, lambda v: v >= 1, 'an integer >= 1'),
     'gap_penalty': (False, lambda v: 0 <= v < math.inf, 'a finite number >= 0'),
 }
+
+
+def option_names(method: str) -> tuple:
+  """The options that `method` takes."""
+  return _COMMON + _OWN[method]
 
 
 def _options(method: str, given: dict) -> Options:

@@ -36,7 +36,6 @@ class PairMaps:
   def _compiled(self):
     if self._fn is None:
       import jax
-      import jax.numpy as jnp
       from hapvr_jax import similarity as sim_lib
       from hapvr_jax.model import SimilarityNetwork
       net = SimilarityNetwork(self.config)
@@ -45,32 +44,36 @@ class PairMaps:
         call = lambda *a, method: net.apply({'params': p}, *a, method=method)
         q, t = call(q[None], q_len, method=net.index_video), call(t[None], t_len, method=net.index_video)
         f2f = call(q, t, q_len, t_len, method=net.frame_to_frame)
-        c, _, _ = call(call(f2f, method=net.comparator_input), q_len, t_len, method=net.compare)
-        return f2f[0, 0], sim_lib.hardtanh(c[0, 0])
+        c, rows, cols = call(call(f2f, method=net.comparator_input), q_len, t_len, method=net.compare)
+        c = sim_lib.hardtanh(c)
+        return f2f[0, 0], c[0, 0], call(c, rows, cols, method=net.video_to_video)[0, 0]
       self._fn = jax.jit(fn)
     return self._fn
 
   def __call__(self, q: np.ndarray, t: np.ndarray) -> dict:
-    """{'f2f': [nq, nt], 'comparator': [nq, nt]} float32 for features q [nq, R, D] and t [nt, R, D]."""
+    """{'f2f': [nq, nt], 'comparator': [nq, nt]} float32 and the network's video 'score' for features
+    q [nq, R, D] and t [nt, R, D]."""
     nq, nt = len(q), len(t)
     qt, tt = (tile_min_len(np.asarray(x, np.float32), self.config.min_len) for x in (q, t))
     qp, tp = (np.pad(x, ((0, bucket(len(x)) - len(x)), (0, 0), (0, 0))) for x in (qt, tt))
-    f2f, comp = self._compiled()(self.params, qp, tp, np.int32(len(qt)), np.int32(len(tt)))
+    f2f, comp, score = self._compiled()(self.params, qp, tp, np.int32(len(qt)), np.int32(len(tt)))
     # The comparator's valid cells (pooled twice by 2) interpolated back to one per frame; the rest is padding.
     comp = np.asarray(comp, np.float32)[:max(len(qt) // 4, 1), :max(len(tt) // 4, 1)]
     comp = localize.upsample(comp, 4, shape=(len(qt), len(tt))).astype(np.float32)
-    return {'f2f': np.asarray(f2f, np.float32)[:nq, :nt], 'comparator': comp[:nq, :nt]}
+    return {'f2f': np.asarray(f2f, np.float32)[:nq, :nt], 'comparator': comp[:nq, :nt], 'score': float(score)}
 
 
-MIN_SECONDS = 2.0   # the shortest copy reported, whatever the index's frame rate (a few frames are noise)
+MIN_SECONDS = 2.0   # the shortest copy reported (2 s scored best at 4 fps, within 0.01 of 2.5 s at 2 fps)
+MAX_GAP_SECONDS = 1.0   # the longest run of weaker cells a copy bridges (1 s scored best at both 2 and 4 fps)
 
 
 def segments(maps: dict, which: str, method: str, fps: float, **options) -> list:
-  """Copied segments [(q_start, q_end, r_start, r_end, score)] in seconds, best first. Unless `min_length`
-  (frames) is given, the shortest segment is MIN_SECONDS long at this frame rate."""
+  """Copied segments [(q_start, q_end, r_start, r_end, score)] in seconds, best first. Unless `min_length` and
+  `max_gap` (frames) are given, they are MIN_SECONDS and MAX_GAP_SECONDS at this frame rate."""
   if which not in MAPS:
     raise ValueError(f'unknown map {which!r}; expected one of {MAPS}')
   options.setdefault('min_length', max(2, int(round(MIN_SECONDS * fps))))
+  options.setdefault('max_gap', max(1, int(round(MAX_GAP_SECONDS * fps))))
   found = localize.align(maps[which], method=method, **options)
   return [tuple(round(v, 3) for v in s[:4]) + (float(s[4]),) for s in localize.to_seconds(found, fps, fps)]
 

@@ -21,6 +21,8 @@ def test_pair_maps_equal_the_networks_maps(checkpoint32, nq, nt):
   got = matches.PairMaps(model.config, model.params)(q, t)
   assert got['f2f'].shape == got['comparator'].shape == (nq, nt)
   np.testing.assert_allclose(got['f2f'], want.f2f[:nq, :nt], atol=1e-5)
+  # the video score under padding and masks equals the unpadded network's
+  assert got['score'] == pytest.approx(want.score, abs=1e-5)
   tq, tt = (tiled_length(n, model.config.min_len) for n in (nq, nt))
   # the comparator's output interpolated to one cell per frame of the (tiled) videos, cropped to their frames;
   # frames 0 and 1 sit before the centre of output cell 0 (at -3/8 and -1/8 of a cell): they take its value
@@ -61,3 +63,18 @@ def test_search_report_names_every_result(corpus, checkpoint32, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'out' / 'results.jsonl')]
   page = open(os.path.join(tmp_path, 'report', 'index.html')).read()
   assert len(rows) == 4 and all(r['id'] in page and 'segments' in r for r in rows)
+
+
+def test_segments_bridge_gaps_up_to_max_gap_seconds():
+  # a 40-frame copy on the diagonal with 3 frames dropped in the middle (frames 20-22)
+  sim = np.random.default_rng(0).normal(0.0, 0.05, (50, 60))
+  idx = np.r_[5:25, 28:45]
+  sim[idx, idx + 10] += 1.0
+  maps = {'f2f': sim}
+  # at 4 fps the gap is 0.75 s, bridged (max_gap 4 frames): one copy, frames [5, 45) of the query
+  [(qs, qe, rs, re_, _)] = matches.segments(maps, 'f2f', 'tn', 4.0)
+  assert (qs, qe, rs, re_) == (5 / 4, 45 / 4, 15 / 4, 55 / 4)
+  # at 2 fps the same 3 frames are 1.5 s, more than MAX_GAP_SECONDS (max_gap 2 frames): two copies
+  got = sorted(s[:4] for s in matches.segments(maps, 'f2f', 'tn', 2.0))
+  assert got == [(2.5, 12.5, 7.5, 17.5), (14.0, 22.5, 19.0, 27.5)]
+  assert matches.MAX_GAP_SECONDS == 1.0
