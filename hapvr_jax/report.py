@@ -43,7 +43,7 @@ HEAT_SIDE = 216       # the heatmap's longer side, px
 HEAT_MARGIN = (46, 10, 62, 36)   # left, top, right, bottom
 HEAT_LEVELS = 64                 # colours of the heatmap
 COLOUR_RANGE = (0.0, 1.0)        # heatmap colours, widened to hold any value outside: the same for every pair,
-                                 # so that a weak map looks weak
+                                 # so that a weak map looks weak (a page uses 0..its highest value: page_range)
 
 
 def _duration(path: str | None, given, cache: dict) -> float | None:
@@ -118,12 +118,23 @@ def axes_svg(segments, q_extent: float, r_extent: float) -> str:
   return ''.join(parts)
 
 
-def heatmap_svg(sim_map, fps: float, segments) -> str:
+def page_range(queries: list[dict]) -> tuple[float, float]:
+  """One colour scale for every heatmap of a page, from 0 (or below) to the page's highest similarity: maps
+  compare at a glance, and the weak maps of an untrained network still show their structure."""
+  maps = [np.asarray(r['sim_map'], np.float64) for q in queries for r in q.get('results') or ()
+          if r.get('sim_map') is not None]
+  values = np.concatenate([m[np.isfinite(m)] for m in maps]) if maps else np.zeros(0)
+  if not values.size or values.max() <= 0:
+    return COLOUR_RANGE
+  return min(0.0, float(values.min())), float(values.max())
+
+
+def heatmap_svg(sim_map, fps: float, segments, colour_range=COLOUR_RANGE) -> str:
   """The similarity map (reference across, query down) with each segment's box, axes in seconds."""
   if sim_map is None:
     return _placeholder('no similarity map', HEAT_SIDE, HEAT_SIDE)
   m = np.asarray(sim_map, np.float64)
-  img, px, vmin, vmax = hp.heatmap(m, HEAT_SIDE, *COLOUR_RANGE, levels=HEAT_LEVELS)
+  img, px, vmin, vmax = hp.heatmap(m, HEAT_SIDE, *colour_range, levels=HEAT_LEVELS)
   left, top, right, bottom = HEAT_MARGIN
   w, h = m.shape[1] * px, m.shape[0] * px
   xs, ys = hp.TimeScale(left, w, m.shape[1] / fps), hp.TimeScale(top, h, m.shape[0] / fps)
@@ -166,7 +177,7 @@ def segments_table(segments) -> str:
   return f'<table class="segs">{"".join(rows)}</table>'
 
 
-def result_html(r: dict, q_extent: float, cache: dict) -> str:
+def result_html(r: dict, q_extent: float, cache: dict, colour_range=COLOUR_RANGE) -> str:
   segments = [tuple(float(v) for v in s) for s in r.get('segments') or ()]
   sim_map, fps = r.get('sim_map'), float(r.get('map_fps') or 1.0)
   duration = _duration(r.get('path'), r.get('duration'), cache)
@@ -183,11 +194,11 @@ def result_html(r: dict, q_extent: float, cache: dict) -> str:
           f'<span class="nseg">{n} segment{"s" if n != 1 else ""}</span></div>'
           f'<div class="path">{where}{dur}</div><div class="body"><div class="left">'
           f'{axes_svg(segments, q_extent, r_extent)}{strip_html("", path, r_extent, cache)}'
-          f'{segments_table(segments)}</div><div class="right">{heatmap_svg(sim_map, fps, segments)}</div>'
+          f'{segments_table(segments)}</div><div class="right">{heatmap_svg(sim_map, fps, segments, colour_range)}</div>'
           '</div></div>')
 
 
-def query_html(index: int, q: dict, cache: dict) -> str:
+def query_html(index: int, q: dict, cache: dict, colour_range=COLOUR_RANGE) -> str:
   results = sorted(q.get('results') or (), key=lambda r: r['rank'])
   duration = _duration(q.get('path'), q.get('duration'), cache)
   spans = [np.shape(r['sim_map'])[0] / float(r.get('map_fps') or 1.0) for r in results
@@ -197,7 +208,7 @@ def query_html(index: int, q: dict, cache: dict) -> str:
   path = q.get('path')
   where = hp.escape(path) if path else '<i>no file</i>'
   dur = f' &middot; {hp.seconds(duration)} s' if duration else ''
-  body = ''.join(result_html(r, extent, cache) for r in results) or (
+  body = ''.join(result_html(r, extent, cache, colour_range) for r in results) or (
       '<p class="none">No results for this query.</p>')
   return (f'<section class="query" id="q{index}"><h2>Query <span class="qid">{hp.escape(q["id"])}</span></h2>'
           f'<div class="path">{where}{dur}</div>{strip_html("query", path, extent, cache)}{body}</section>')
@@ -240,7 +251,8 @@ def write_report(out_dir: str, queries: list[dict], title: str = 'HAP-VR search'
   cache = {}   # one probe per video and one decoding per video and time span, however often it is listed
   nav = ''.join(f'<li><a href="#q{i}">{hp.escape(q["id"])}</a> <span class="muted">'
                 f'{len(q.get("results") or ())} results</span></li>' for i, q in enumerate(queries))
-  sections = ''.join(query_html(i, q, cache) for i, q in enumerate(queries))
+  colours = page_range(queries)
+  sections = ''.join(query_html(i, q, cache, colours) for i, q in enumerate(queries))
   page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{hp.escape(title)}</title>'
           f'<style>{report_style.css(LABEL_W, CELL)}</style></head><body><h1>{hp.escape(title)}</h1>'
           f'<p class="muted">{len(queries)} quer{"y" if len(queries) == 1 else "ies"}</p><ul class="nav">{nav}</ul>'

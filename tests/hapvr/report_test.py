@@ -253,3 +253,17 @@ def test_chromium_renders_the_page(example_page, tmp_path):
   red = np.abs(shot - [0xe6, 0x19, 0x4b]).sum(-1) < 40          # the first segment's colour
   viridis = (shot[..., 2] - shot[..., 0] > 40) & (shot[..., 1] > 40)   # blue-green heatmap cells
   assert red.sum() > 200 and viridis[:, 800:].sum() > 5000 and viridis[:, :780].sum() < viridis[:, 800:].sum()
+
+
+def test_a_page_colours_every_map_on_one_scale_up_to_its_highest_value(tmp_path):
+  weak, strong = np.full((3, 3), 0.1), np.array([[0.2, 0.4], [-0.1, 0.3]])
+  queries = [{'id': 'q', 'results': [{'rank': 1, 'id': 'a', 'score': 0, 'coarse_score': 0, 'sim_map': weak,
+                                      'map_fps': 1.0},
+                                     {'rank': 2, 'id': 'b', 'score': 0, 'coarse_score': 0, 'sim_map': strong,
+                                      'map_fps': 1.0}]}]
+  assert report.page_range(queries) == (-0.1, 0.4)
+  page = open(report.write_report(str(tmp_path), queries)).read()
+  assert page.count('>0.40</text>') == 2 and page.count('>-0.10</text>') == 2 and '>1.00</text>' not in page
+  assert report.page_range([{'id': 'q', 'results': []}]) == report.COLOUR_RANGE
+  assert report.page_range([{'id': 'q', 'results': [dict(queries[0]['results'][0], sim_map=-weak)]}]) == \
+      report.COLOUR_RANGE   # nothing above 0: the default scale
