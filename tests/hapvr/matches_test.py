@@ -78,3 +78,20 @@ def test_segments_bridge_gaps_up_to_max_gap_seconds():
   got = sorted(s[:4] for s in matches.segments(maps, 'f2f', 'tn', 2.0))
   assert got == [(2.5, 12.5, 7.5, 17.5), (14.0, 22.5, 19.0, 27.5)]
   assert matches.MAX_GAP_SECONDS == 1.0
+
+
+def test_the_api_localizes_as_the_command_does(corpus, checkpoint32, tmp_path):
+  with h5py.File(corpus['features']) as f:
+    feats = {k: f[k][()] for k in f}
+  ix_path = str(tmp_path / 'ix')
+  assert index.main([f'--index={ix_path}', f'--features={corpus["features"]}', '--noprogress']) == 0
+  assert search.main([f'--index={ix_path}', f'--checkpoint={checkpoint32}', '--query_id=v00', '--shortlist=all',
+                      '--top_k=3', '--localize', f'--output={tmp_path}/out', '--noprogress']) == 0
+  want = [json.loads(line) for line in open(tmp_path / 'out' / 'results.jsonl')]
+  model = api.load(checkpoint32)
+  hits = api.Index(ix_path, model).search('v00', top_k=3, localize='tn')
+  assert [(h['id'], h['segments']) for h in hits] == [(w['id'], w['segments']) for w in want]
+  # features stored as float16 by the index: the same frames give the same segments to within a frame
+  got = model.localize(feats['v00'], feats['v01'])
+  seg = next(w for w in want if w['id'] == 'v01')['segments']
+  assert len(got) == len(seg) and np.allclose([s[:4] for s in got], [s[:4] for s in seg], atol=1.0)
