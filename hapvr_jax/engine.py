@@ -195,7 +195,7 @@ class Engine:
       # the target's own features.
       per_target = 4 * (q_rows * length * (live_regions + 2 + 2 * 32) + 3 * length * r * d)
       cap = min(max(1, int(c.memory_budget_mb * 2**20 // per_target)), c.max_block_targets)
-      n = block_size(len(its), max(1, cap // self.n_shards), self.n_shards)
+      n = block_size(len(its), cap, self.n_shards)
       blocks += [(length, its[s:s + n], n) for s in range(0, len(its), n)]
     return blocks
 

@@ -53,10 +53,10 @@ def ladder(limit: int) -> list:
 
 
 def block_size(items: int, cap: int, multiple: int = 1) -> int:
-  """Targets per block for `items` chunks of one bucket: the smallest ladder size holding them all, at most
-  the largest ladder size <= cap (then several blocks); a multiple of `multiple` (the mesh's shards)."""
-  sizes = [s * multiple for s in ladder(max(items, cap))]
-  fits = [s for s in sizes if s <= max(cap, multiple)] or [multiple]
+  """Targets per block for `items` chunks of one bucket: `multiple` (the mesh's shards) times a ladder size,
+  the smallest holding them all, else the largest <= cap (then several blocks); at least `multiple`."""
+  sizes = [s * multiple for s in ladder(max(items, cap, 1))]
+  fits = [s for s in sizes if s <= cap] or [multiple]
   return next((s for s in fits if s >= items), fits[-1])
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from common_jax import mesh as mesh_lib
 from hapvr_jax import engine as engine_lib
+from hapvr_jax import engine_shapes
 from hapvr_jax import features as features_lib
 from hapvr_jax import model as model_lib
 from tests import helpers
@@ -64,6 +65,42 @@ def test_bucket_lengths_are_multiples_of_four_and_cover():
   assert all(x % 4 == 0 for x in b) and b == sorted(b) and b[-1] >= 2051
   assert all(b[i + 1] / b[i] <= 1.25 + 4 / b[i] for i in range(len(b) - 1))
   assert engine_lib.bucket_of(9, b) >= 9 and engine_lib.bucket_of(8, b) == 8
+
+
+def test_block_sizes_come_from_a_short_ladder():
+  assert engine_shapes.ladder(40) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]
+  assert engine_shapes.ladder(200)[-3:] == [64, 128, 256]
+  block_size = engine_lib.block_size
+  assert block_size(5, 64) == 6 and block_size(64, 64) == 64 and block_size(100, 64) == 64
+  assert block_size(100, 50) == 48               # the largest ladder size under the memory cap
+  assert block_size(3, 64, 8) == 8 and block_size(20, 64, 8) == 24 and block_size(20, 2, 8) == 8
+
+
+def test_small_buckets_merge_while_their_padding_costs_little():
+  items = {8: ['a'] * 10, 12: ['b'] * 10, 40: ['c'] * 100}
+  # 10 targets x 4 more frames x 100 query frames = 4,000 cells < 5,000: bucket 8 joins 12; then 20 x 28 x 100
+  # = 56,000 cells: 12 stays
+  assert engine_lib.merge_buckets(items, 100, 5000) == {12: ['a'] * 10 + ['b'] * 10, 40: ['c'] * 100}
+  assert engine_lib.merge_buckets(items, 100, 4000) == items
+  assert engine_lib.merge_buckets(items, 100, 1e9) == {40: ['a'] * 10 + ['b'] * 10 + ['c'] * 100}
+
+
+def test_another_query_of_the_same_buckets_compiles_nothing(feature_file, network):
+  """Compiled shapes follow the length ladders, not the query set: q0 (3 frames, tiled to 12) after q1 (9)."""
+  cfg, params = network
+  ff = features_lib.FeatureFile(feature_file, dims=64, min_len=8)
+  eng = engine_lib.Engine(cfg, params, mesh_lib.make_mesh((('data', 2),), jax.devices()[:2]))
+  db = ['d1', 'd3', 'd6']
+  first = eng.score(ff, ['q1'], db, progress=False)
+  jobs = len(eng._compiler._jobs)
+  both = eng.score(ff, ['q0', 'q1'], db, progress=False)
+  assert len(eng._compiler._jobs) == jobs + 2      # 21 query rows (padded to 24) and a group of 2 queries
+  again = eng.score(ff, ['q0'], db, progress=False)
+  assert len(eng._compiler._jobs) == jobs + 2
+  np.testing.assert_allclose(both[1], first[0], atol=1e-6)
+  np.testing.assert_allclose(both[0], again[0], atol=1e-6)
+  ref = [_per_pair_reference(cfg, params, ff, 'q0', d, 0) for d in db]
+  np.testing.assert_allclose(again[0], ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('chunk_size,merge_cells', [(0, 0), (16, engine_lib.EngineConfig.merge_cells)])
