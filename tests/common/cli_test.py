@@ -20,7 +20,7 @@ from launch import common, gpu, tpu
 from tests.conftest import ROOT  # noqa: E402
 FLAG_PROGRAMS = ('hapvr_jax.convert', 'avhash_jax.convert', 'backbones.convert_backbone',
                  'input_pipeline.avhash.make_shards', 'input_pipeline.hapvr.make_shards', 'hapvr_jax.extract',
-                 'avhash_jax.extract', 'extraction.feature_writer', 'hapvr_jax.eval_matching')
+                 'avhash_jax.extract', 'extraction.feature_writer', 'hapvr_jax.eval_matching', 'bench.first_results')
 POSITIONAL = {'extraction.feature_writer': 'parts'}   # programs that take arguments after the flags
 LAUNCHERS = {'launch/tpu.py': tpu, 'launch/gpu.py': gpu}
 _COMMAND = re.compile(r'python (?:-m ([\w.]+)|(launch/\w+\.py))([^`\n]*)')
