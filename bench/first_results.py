@@ -128,9 +128,12 @@ def loop_scores(w: dict):
 
 def timed(cmd, until=None) -> dict:
   """Runs `cmd` from the repository root: {'wall': seconds to its final printed line (or to the first line
-  starting with `until`), 'exit': seconds to its exit, 'lines': its output, 'load': the load average before}."""
+  starting with `until`), 'exit': seconds to its exit, 'cpu': its user + system CPU seconds (less moved by
+  other jobs than wall times), 'lines': its output, 'load': the load average before}."""
+  import resource
   load = common.load()
-  t0 = time.perf_counter()
+  cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))
+  cpu0, t0 = cpu(), time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   lines, wall = [], None
   for line in proc.stdout:
@@ -140,7 +143,7 @@ def timed(cmd, until=None) -> dict:
   err = proc.stderr.read()
   if proc.wait() != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed (exit {proc.returncode}): {err.strip()[-2000:]}')
-  return {'wall': wall, 'exit': time.perf_counter() - t0, 'lines': lines, 'load': load}
+  return {'wall': wall, 'exit': time.perf_counter() - t0, 'cpu': cpu() - cpu0, 'lines': lines, 'load': load}
 
 
 def evaluate_cmd(w: dict, workdir: str, cache: str) -> list:
@@ -170,24 +173,28 @@ def measure(args, w: dict, run=timed) -> dict:
     cache = os.path.join(d, 'cache_evaluate')
     for name in ('cold', 'warm'):
       out[f'evaluate_{name}'] = run(evaluate_cmd(w, os.path.join(d, f'evaluate_{name}'), cache))
-      print(f'evaluate, {name} cache: {out[f"evaluate_{name}"]["wall"]:.2f}s to the final line '
-            f'(load before {out[f"evaluate_{name}"]["load"]})', flush=True)
+      r = out[f'evaluate_{name}']
+      print(f'evaluate, {name} cache: {r["wall"]:.2f}s to the final line ({r["cpu"]:.1f} CPU s; load before '
+            f'{r["load"]})', flush=True)
   if 'loop' in args.parts:
     r = run([sys.executable, '-m', 'bench.first_results', f'--workdir={d}', '--loop_only'])
     out['loop'] = {**r, 'wall': float(json.loads(r['lines'][-1])['seconds'])}
-    print(f'per-pair PyTorch loop: {out["loop"]["wall"]:.2f}s (load before {r["load"]})', flush=True)
+    print(f'per-pair PyTorch loop: {out["loop"]["wall"]:.2f}s ({r["cpu"]:.1f} CPU s for the whole process; '
+          f'load before {r["load"]})', flush=True)
   if 'search' in args.parts:
     cache = os.path.join(d, 'cache_search')
     for name in ('cold', 'warm'):
       out[f'search_{name}'] = run(search_cmd(w, os.path.join(d, f'search_{name}'), cache), 'query ')
-      print(f'search, {name} cache: {out[f"search_{name}"]["wall"]:.2f}s to the first result '
-            f'(load before {out[f"search_{name}"]["load"]})', flush=True)
+      r = out[f'search_{name}']
+      print(f'search, {name} cache: {r["wall"]:.2f}s to the first result ({r["cpu"]:.1f} CPU s; load before '
+            f'{r["load"]})', flush=True)
   return out
 
 
 def report(args, w: dict, out: dict) -> dict:
   """The ratios of the timings in `out` (printed) and the JSON figures."""
-  figures = {k: {'wall_s': v['wall'], 'exit_s': v['exit'], 'load': v['load']} for k, v in out.items()}
+  figures = {k: {'wall_s': v['wall'], 'exit_s': v['exit'], 'cpu_s': v['cpu'], 'load': v['load']}
+             for k, v in out.items()}
   print(f'\n{args.queries} queries x {args.database} database videos; search on {args.index_videos} videos; '
         f'dims {args.dims}; load now {common.load()}')
   for name in ('cold', 'warm'):

@@ -3,13 +3,15 @@
 The original scores one (query, target, 2048-frame chunk) at a time in a Python loop. Here:
 
 * queries are read once, tiled to min_len, laid end to end (frames of all queries in one array, so the
-  frame-to-frame similarity, most of the FLOPs, wastes nothing on query padding), indexed once and kept on
+  frame-to-frame similarity, most of the FLOPs, wastes little on query padding), indexed once and kept on
   the devices; for the comparator, queries of similar length are gathered into padded groups;
 * database videos are cut into the original's 2048-frame chunks (a final chunk of 1-3 frames, which crashes
   the original, is folded into the chunk before it), each chunk is assigned to a length bucket, and a bucket's
-  chunks are scored in blocks of B targets: one jitted call per block computes the f2f maps, the comparator
-  and the temporal reduction for all queries x B targets at once, with the block sharded over the mesh's data
-  axis (one compilation per target bucket);
+  chunks are scored in blocks of B targets: per block, one jitted call indexes the targets and computes the
+  f2f maps of all query frames, then one call per comparator group runs the comparator and the temporal
+  reduction for its queries x B targets, with the block sharded over the mesh's data axis;
+* compiled shapes come from a few ladders (hapvr_jax.engine_shapes), never from the number of queries or
+  their ids; small workloads merge their length buckets; the next shapes compile while a block is scored;
 * padding is exact: prefix lengths mask the f2f map, the pooled comparator maps and the per-pair top-k
   (hapvr_jax.model), so a padded pair scores exactly as the unpadded pair does;
 * features are streamed from the HDF5 file by a reader thread a few blocks ahead: memory stays bounded by
@@ -34,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common_jax import faults, mesh as mesh_lib
 from hapvr_jax import engine_state as state_lib
-from hapvr_jax.engine_shapes import (Compiler, block_size, bucket_lengths, bucket_of, merge_buckets,  # noqa: F401
+from hapvr_jax.engine_shapes import (Compiler, block_size, bucket_lengths, bucket_of, ladder, merge_buckets,  # noqa: F401
                                      split_chunks, struct)
 from hapvr_jax import similarity as sim_lib
 from hapvr_jax.features import FeatureFile
@@ -53,10 +55,11 @@ class EngineConfig:
   query_bucket_ratio: float = 1.5  # padded query lengths of the comparator groups (coarser: fewer groups to
                                    # compile; only the CNN, the smaller share of the time, sees query padding)
   max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
-  query_rows_ratio: float = 1.125  # query frames per call are padded to this geometric ladder (compiled
-                                   # shapes then do not follow the number of queries)
-  merge_cells: float = 2**21      # a length bucket whose padding to the next costs fewer (query frame,
-                                  # target frame) cells joins it: about one compilation's time on a CPU
+  query_rows_ratio: float = 1.05  # query frames per call are padded to this geometric ladder (compiled
+                                  # shapes then do not follow the number of queries)
+  merge_cells: float = 2**17      # a length bucket whose padding to the next costs fewer (query frame,
+                                  # target frame) cells joins it: a fraction of one bucket's compilations on
+                                  # a CPU, so that runs with a warm compilation cache lose little to padding
   max_block_targets: int = 256    # targets per jitted call, at most
   memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block
   precision: str = 'highest'      # matmul/conv precision: 'highest' (float32 parity) or 'default' (TF32/bf16
@@ -156,7 +159,7 @@ class Engine:
       for length, ks in sorted(by_bucket.items()):
         for s in range(0, len(ks), c.query_block):
           sub = ks[s:s + c.query_block]
-          n = block_size(len(sub), c.query_block)
+          n = ladder(len(sub))[-1]   # the smallest ladder size holding the group
           gather = np.full((n, length), n_rows, np.int32)     # the zero row by default
           q_len = np.full(n, length, np.int32)                # padding queries: discarded rows
           for g, k in enumerate(sub):
@@ -183,9 +186,11 @@ class Engine:
     by_bucket = {}
     for item in items:
       by_bucket.setdefault(bucket_of(item[2] - item[1], buckets), []).append(item)
-    by_bucket = merge_buckets(by_bucket, sum(ch.frames for ch in chunks), c.merge_cells)
     q_rows = max(int(ch.flat.shape[0]) for ch in chunks)
     r, d = chunks[0].flat.shape[1:]
+    # A padded target frame costs its f2f cells and its indexing (the attention's [D, D] product on each of
+    # its R regions: about D / R cells' worth).
+    by_bucket = merge_buckets(by_bucket, sum(ch.frames for ch in chunks) + d / r, c.merge_cells)
     live_regions = r * r if sim_lib.query_slices(q_rows, r) == 1 else r
     blocks = []
     for length, its in sorted(by_bucket.items()):

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import jax
 
-SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)   # then doubling: the ladder of block and group sizes
+LADDER_RATIO = 1.125   # block and group sizes: 1-8, then growing by this factor (at most 12.5% padding)
 
 
 def bucket_lengths(max_len: int, ratio: float, min_bucket: int = 8) -> list:
@@ -45,19 +45,20 @@ def split_chunks(n: int, chunk_size: int, fold_short_tail: bool = True) -> list:
 
 
 def ladder(limit: int) -> list:
-  """SIZES, continued by doubling, up to the first size >= limit."""
-  out = list(SIZES)
+  """The sizes 1..8, then each the previous times LADDER_RATIO rounded up, to the first one >= limit."""
+  out = list(range(1, 9))
   while out[-1] < limit:
-    out.append(out[-1] * 2)
+    out.append(int(np.ceil(out[-1] * LADDER_RATIO)))
   return out[:int(np.searchsorted(out, limit)) + 1]
 
 
 def block_size(items: int, cap: int, multiple: int = 1) -> int:
   """Targets per block for `items` chunks of one bucket: `multiple` (the mesh's shards) times a ladder size,
-  the smallest holding them all, else the largest <= cap (then several blocks); at least `multiple`."""
-  sizes = [s * multiple for s in ladder(max(items, cap, 1))]
-  fits = [s for s in sizes if s <= cap] or [multiple]
-  return next((s for s in fits if s >= items), fits[-1])
+  at most cap (or `multiple`), the one with the fewest padded slots counting each block as 2 more (a call's
+  overhead): 75 items under a cap of 64 make two blocks of 40, not 64 + 64."""
+  fits = [s * multiple for s in ladder(max(items, cap, 1)) if s * multiple <= cap] or [multiple]
+  cost = lambda n: -(-items // n) * (n + 2)
+  return min(fits[::-1], key=cost)
 
 
 def merge_buckets(by_bucket: dict, query_frames: int, merge_cells: float) -> dict:

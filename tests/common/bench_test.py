@@ -64,7 +64,7 @@ def test_report_divides_the_loop_by_each_run(tmp_path, capsys):
         pickle.dump({q: {d: 0.5 + 2e-7}}, f)
     if '--loop_only' in cmd:
       lines = [json.dumps({'seconds': 6.0, 'scores': {f'{q}\t{d}': 0.5}})]
-    return {'wall': next(walls), 'exit': 0.0, 'lines': lines, 'load': '0.00 0.00 0.00'}
+    return {'wall': next(walls), 'exit': 0.0, 'cpu': 1.0, 'lines': lines, 'load': '0.00 0.00 0.00'}
 
   figures = first_results.report(args, w, first_results.measure(args, w, run))
   out = capsys.readouterr().out

@@ -68,12 +68,12 @@ def test_bucket_lengths_are_multiples_of_four_and_cover():
 
 
 def test_block_sizes_come_from_a_short_ladder():
-  assert engine_shapes.ladder(40) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48]
-  assert engine_shapes.ladder(200)[-3:] == [64, 128, 256]
+  assert engine_shapes.ladder(30) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15, 17, 20, 23, 26, 30]
   block_size = engine_lib.block_size
-  assert block_size(5, 64) == 6 and block_size(64, 64) == 64 and block_size(100, 64) == 64
-  assert block_size(100, 50) == 48               # the largest ladder size under the memory cap
-  assert block_size(3, 64, 8) == 8 and block_size(20, 64, 8) == 24 and block_size(20, 2, 8) == 8
+  assert block_size(7, 64) == 7 and block_size(1, 16) == 1 and block_size(13, 16) == 13
+  assert block_size(75, 64) == 39              # two blocks of 39 rather than 57 + 57 (64 is no ladder size)
+  assert block_size(200, 64) == 50             # four full blocks
+  assert block_size(3, 64, 8) == 8 and block_size(20, 64, 8) == 24 and block_size(20, 2, 8) == 8   # x shards
 
 
 def test_small_buckets_merge_while_their_padding_costs_little():
