@@ -287,6 +287,7 @@ class Engine:
           partial.save(sums, counts, done)
     finally:
       halt.set()
+      self._compiler.cancel_pending()
       bar.close()
     if partial is not None:
       partial.save(sums, counts, done)

@@ -98,8 +98,11 @@ class Compiler:
     self.waited += time.perf_counter() - t0
     return out
 
-  def close(self) -> None:
-    self._pool.shutdown(wait=False, cancel_futures=True)
+  def cancel_pending(self) -> None:
+    """Drops the compilations not yet started (a run that ends early must not wait for them at exit)."""
+    for key, job in list(self._jobs.items()):
+      if job.cancel():
+        del self._jobs[key]
 
 
 def struct(x, sharding=None) -> jax.ShapeDtypeStruct:

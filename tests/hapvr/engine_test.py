@@ -85,6 +85,36 @@ def test_small_buckets_merge_while_their_padding_costs_little():
   assert engine_lib.merge_buckets(items, 100, 1e9) == {40: ['a'] * 10 + ['b'] * 10 + ['c'] * 100}
 
 
+def test_compiler_runs_in_order_and_drops_what_has_not_started():
+  import threading
+  started, release, order = threading.Event(), threading.Event(), []
+
+  class Fn:   # stands in for a jitted function: lower(*args).compile()
+    def __init__(self, name, wait=False):
+      self.name, self.wait = name, wait
+
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      if self.wait:
+        started.set()
+        release.wait(5)
+      order.append(self.name)
+      return self.name
+
+  c = engine_shapes.Compiler()
+  c.submit('a', Fn('a', wait=True), 1)
+  assert started.wait(5)
+  c.submit('b', Fn('b'), 2)
+  c.cancel_pending()                # 'a' is compiling, 'b' has not started
+  assert 'a' in c and 'b' not in c
+  release.set()
+  assert c.get('a') == 'a' and c.waited >= 0
+  c.submit('b', Fn('b'))            # a dropped shape can be queued again
+  assert c.get('b') == 'b' and order == ['a', 'b']
+
+
 def test_another_query_of_the_same_buckets_compiles_nothing(feature_file, network):
   """Compiled shapes follow the length ladders, not the query set: q0 (3 frames, tiled to 12) after q1 (9)."""
   cfg, params = network
