@@ -111,6 +111,25 @@ def query_slices(frames: int, regions: int) -> int:
   return 1 if frames * regions <= ONE_MATMUL_ROWS else regions
 
 
+TILED_ROWS = 1024          # a slice with at least this many rows whose product would exceed TILED_BYTES is
+TILED_BYTES = 32 * 2**20  # computed a few targets at a time (lax.map), each tile's product about TILE_BYTES:
+TILE_BYTES = 4 * 2**20    # small enough to be reduced from cache rather than written to memory and read back
+
+
+def _tiled(q, t, k: int, kind: str, precision):
+  """_all_regions over groups of targets whose region product fits TILE_BYTES, in a loop (lax.map)."""
+  a, s, r = q.shape[:3]
+  b, tt, r_t, d = t.shape
+  per_target = 4 * a * s * r * tt * r_t
+  if a * s * r < TILED_ROWS or per_target * b <= TILED_BYTES:
+    return _all_regions(q, t, k, kind, precision)
+  tb = max(1, min(b, TILE_BYTES // per_target))
+  groups = -(-b // tb)
+  tiles = jnp.pad(t, ((0, groups * tb - b), (0, 0), (0, 0), (0, 0))).reshape(groups, tb, tt, r_t, d)
+  out = lax.map(lambda x: _all_regions(q, x, k, kind, precision), tiles)   # [groups, A, S, tb, Tt]
+  return jnp.moveaxis(out, 0, 2).reshape(a, s, groups * tb, tt)[:, :, :b]
+
+
 def _all_regions(q, t, k: int, kind: str, precision):
   """[A, S, B, Tt] of q [A, S, R, D] and t [B, Tt, R, D]: the [S*R, Tt*R] region dot products of every frame
   pair in one matmul, reduced over target regions (max or top-k mean), then over query regions."""
@@ -127,7 +146,8 @@ def frame_to_frame(q, t, kind: str, rate: float, symmetric: bool = False, precis
 
   q: [A, Tq, R, D] and t: [B, Tt, R, D] (already indexed). Returns f2f [A, B, Tq, Tt]: for each frame pair,
   the region-by-region dot products [R, R] reduced over target regions and averaged over query regions.
-  The products are one matmul per slice of query frames (query_slices) with the query regions as rows.
+  The products are one matmul per slice of query frames (query_slices) with the query regions as rows, over
+  a few targets at a time where the product would be large (_tiled).
   Frame validity is not needed here: padded frames are zero vectors and the caller masks their cells.
   """
   check_kind(kind)
@@ -138,7 +158,7 @@ def frame_to_frame(q, t, kind: str, rate: float, symmetric: bool = False, precis
     k = 1 if kind in ('Chamfer', 'Max') else topk_size(t.shape[-2], rate)
     a, tq, r = q.shape[:3]
     step = -(-tq // query_slices(a * tq, r))
-    parts = [_all_regions(q[:, s:s + step], t, k, kind, precision) for s in range(0, tq, step)]
+    parts = [_tiled(q[:, s:s + step], t, k, kind, precision) for s in range(0, tq, step)]
     total = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     return jnp.transpose(total, (0, 2, 1, 3))
   # Symmetric Chamfer / TopK-Chamfer over regions: build the full [.., R, R] block and reduce both ways.
