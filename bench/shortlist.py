@@ -79,8 +79,7 @@ class CoarseIndex:
 
 def _f2f_one_pass(q, t, k):
   """Non-symmetric (TopK)Chamfer f2f of ONE query q [1, Tq, R, D] against t [B, Tt, R, D] as one matmul of all
-  query regions: the engine's loop over query regions reads the targets R times, which costs little for its
-  hundreds of query frames but dominates for one short query."""
+  query regions (what hapvr_jax.similarity.frame_to_frame does for short query sets, written out here)."""
   _, tq, r, d = q.shape
   b, tt = t.shape[:2]
   s = jnp.matmul(q.reshape(tq * r, d), t.reshape(b * tt * r, d).T, precision=lax.Precision.HIGHEST)

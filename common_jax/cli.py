@@ -124,7 +124,9 @@ def enable_compilation_cache(path: str) -> None:
   path = os.path.expanduser(path)
   os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  # every executable, however quick to compile: a run of many small ones (the evaluation engine's, one per
+  # shape) would otherwise compile them all again
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 

@@ -3,13 +3,15 @@
 The original scores one (query, target, 2048-frame chunk) at a time in a Python loop. Here:
 
 * queries are read once, tiled to min_len, laid end to end (frames of all queries in one array, so the
-  frame-to-frame similarity, most of the FLOPs, wastes nothing on query padding), indexed once and kept on
+  frame-to-frame similarity, most of the FLOPs, wastes little on query padding), indexed once and kept on
   the devices; for the comparator, queries of similar length are gathered into padded groups;
 * database videos are cut into the original's 2048-frame chunks (a final chunk of 1-3 frames, which crashes
   the original, is folded into the chunk before it), each chunk is assigned to a length bucket, and a bucket's
-  chunks are scored in blocks of B targets: one jitted call per block computes the f2f maps, the comparator
-  and the temporal reduction for all queries x B targets at once, with the block sharded over the mesh's data
-  axis (one compilation per target bucket);
+  chunks are scored in blocks of B targets: per block, one jitted call indexes the targets and computes the
+  f2f maps of all query frames, then one call per comparator group runs the comparator and the temporal
+  reduction for its queries x B targets, with the block sharded over the mesh's data axis;
+* compiled shapes come from a few ladders (hapvr_jax.engine_shapes), never from the number of queries or
+  their ids; small workloads merge their length buckets; the next shapes compile while a block is scored;
 * padding is exact: prefix lengths mask the f2f map, the pooled comparator maps and the per-pair top-k
   (hapvr_jax.model), so a padded pair scores exactly as the unpadded pair does;
 * features are streamed from the HDF5 file by a reader thread a few blocks ahead: memory stays bounded by
@@ -34,6 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common_jax import faults, mesh as mesh_lib
 from hapvr_jax import engine_state as state_lib
+from hapvr_jax.engine_shapes import (Compiler, block_size, bucket_lengths, bucket_of, ladder, merge_buckets,  # noqa: F401
+                                     split_chunks, struct)
 from hapvr_jax import similarity as sim_lib
 from hapvr_jax.features import FeatureFile
 from hapvr_jax.model import ModelConfig, SimilarityNetwork
@@ -51,6 +55,11 @@ class EngineConfig:
   query_bucket_ratio: float = 1.5  # padded query lengths of the comparator groups (coarser: fewer groups to
                                    # compile; only the CNN, the smaller share of the time, sees query padding)
   max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
+  query_rows_ratio: float = 1.05  # query frames per call are padded to this geometric ladder (compiled
+                                  # shapes then do not follow the number of queries)
+  merge_cells: float = 2**17      # a length bucket whose padding to the next costs fewer (query frame,
+                                  # target frame) cells joins it: a fraction of one bucket's compilations on
+                                  # a CPU, so that runs with a warm compilation cache lose little to padding
   max_block_targets: int = 256    # targets per jitted call, at most
   memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block
   precision: str = 'highest'      # matmul/conv precision: 'highest' (float32 parity) or 'default' (TF32/bf16
@@ -65,38 +74,18 @@ class EngineConfig:
       raise ValueError(f'engine.dtype={self.dtype!r}; expected float32 or bfloat16')
     if self.precision not in PRECISIONS:
       raise ValueError(f'engine.precision={self.precision!r}; expected one of {sorted(PRECISIONS)}')
-    if self.bucket_ratio <= 1.0 or self.query_bucket_ratio <= 1.0:
-      raise ValueError(f'engine.bucket_ratio={self.bucket_ratio} and engine.query_bucket_ratio='
-                       f'{self.query_bucket_ratio} must be > 1')
-
-
-def bucket_lengths(max_len: int, ratio: float, min_bucket: int = 8) -> list:
-  """Padded lengths: multiples of 4 growing geometrically by `ratio`, up to one >= max_len."""
-  out = [int(np.ceil(min_bucket / 4) * 4)]
-  while out[-1] < max_len:
-    out.append(int(np.ceil(max(out[-1] + 4, out[-1] * ratio) / 4) * 4))
-  return out
-
-
-def bucket_of(n: int, buckets: Sequence[int]) -> int:
-  return int(buckets[int(np.searchsorted(buckets, n))])
-
-
-def split_chunks(n: int, chunk_size: int, fold_short_tail: bool = True) -> list:
-  """[(start, stop)] of the original's target chunking (utils.batching over frames)."""
-  if chunk_size <= 0 or n <= chunk_size:
-    return [(0, n)]
-  chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-  if fold_short_tail and chunks[-1][1] - chunks[-1][0] < 4:
-    chunks[-2:] = [(chunks[-2][0], n)]
-  return chunks
+    if min(self.bucket_ratio, self.query_bucket_ratio, self.query_rows_ratio) <= 1.0:
+      raise ValueError(f'engine.bucket_ratio={self.bucket_ratio}, engine.query_bucket_ratio='
+                       f'{self.query_bucket_ratio} and engine.query_rows_ratio={self.query_rows_ratio} '
+                       'must be > 1')
 
 
 @dataclasses.dataclass
 class _QueryChunk:
   rows: np.ndarray      # positions in the query list of this chunk's output rows
-  flat: jax.Array       # [n_rows + 1, R, D]: the chunk's queries, frames end to end, indexed; last row zero
-  fn: Callable          # jitted (params, flat, targets, target lengths) -> scores [len(rows), B]
+  flat: jax.Array       # [n_rows + 1, R, D]: the chunk's queries, frames end to end, indexed; zero padded
+  groups: list          # [(gather index [n, Lq] into flat's rows, query lengths [n])]: comparator groups
+  frames: int           # real query frames (the rest of flat is padding)
 
 
 class Engine:
@@ -109,49 +98,41 @@ class Engine:
     dtype = jnp.dtype(config.dtype)
     self.net = SimilarityNetwork(model_config, dtype=dtype, precision=PRECISIONS[config.precision])
     self.params = jax.device_put(params, mesh_lib.replicated(mesh))
+    self._replicated = mesh_lib.replicated(mesh)
     self._target_sharding = mesh_lib.batch_sharding(mesh, 0, 4)
     self._len_sharding = mesh_lib.batch_sharding(mesh, 0, 1)
+    self._f2f_sharding = mesh_lib.batch_sharding(mesh, 0, 3)
     self._out_sharding = NamedSharding(mesh, P(None, *self._len_sharding.spec))
-    net = self.net
-    self._index = jax.jit(lambda p, x, n: net.apply({'params': p}, x.astype(dtype), n,
-                                                    method=SimilarityNetwork.index_video))
+    net, apply_visil = self.net, not config.features_only
+    call = lambda p, *a, method: net.apply({'params': p}, *a, method=method)
+    self._index = jax.jit(lambda p, x, n: call(p, x.astype(dtype), n, method=SimilarityNetwork.index_video),
+                          out_shardings=self._replicated)
+
+    def f2f(p, flat, t, t_len):   # targets indexed, then [B, rows, Lt]: every query frame of the chunk
+      t = call(p, t.astype(dtype), t_len, method=SimilarityNetwork.index_video)
+      m = call(p, flat[None], t, None, t_len, method=SimilarityNetwork.frame_to_frame)[0]
+      return call(p, m, method=SimilarityNetwork.comparator_input)
+
+    def group(p, f2f, gather, q_len, t_len):   # one comparator group's scores [n, B]
+      m = jnp.transpose(f2f[:, gather], (1, 0, 2, 3))        # [n, B, Lq, Lt]
+      if not apply_visil:
+        return call(p, m, q_len[:, None], t_len[None, :], method=SimilarityNetwork.video_to_video)
+      c, rows, cols = call(p, m, q_len, t_len, method=SimilarityNetwork.compare)
+      return call(p, sim_lib.hardtanh(c), rows, cols, method=SimilarityNetwork.video_to_video)
+
+    self._f2f = jax.jit(f2f, out_shardings=self._f2f_sharding)
+    self._group = jax.jit(group, out_shardings=self._out_sharding)
+    self._compiler = Compiler()
     self.stats = {}
-    self._fns = {}
 
   def set_params(self, params) -> None:
     """New parameters of the same architecture (e.g. during training); compiled scorers are reused."""
     self.params = jax.device_put(params, mesh_lib.replicated(self.mesh))
 
   # --------------------------------------------------------------------------------------------- queries
-  def _chunk_fn(self, groups):
-    """The jitted scorer of one query chunk against a target block.
-
-    The frame-to-frame similarity (most of the FLOPs) is computed for the chunk's query frames laid end to
-    end, so no query padding is multiplied; each group of similar-length queries then gathers its rows into
-    a padded [n, Lq, B, Lt] stack (padding rows read the zero row) for the comparator and the temporal
-    reduction. `groups` is static: [(gather index [n, Lq], query lengths [n])].
-    """
-    net, apply_visil = self.net, not self.config.features_only
-    call = lambda p, *a, method: net.apply({'params': p}, *a, method=method)
-
-    def fn(p, flat, t, t_len):
-      f2f = call(p, flat[None], t, None, t_len, method=SimilarityNetwork.frame_to_frame)[0]   # [B, rows, Lt]
-      f2f = call(p, f2f, method=SimilarityNetwork.comparator_input)
-      out = []
-      for gather, q_len in groups:
-        m = jnp.transpose(f2f[:, gather], (1, 0, 2, 3))        # [n, B, Lq, Lt]
-        ql = jnp.asarray(q_len)
-        if apply_visil:
-          c, rows, cols = call(p, m, ql, t_len, method=SimilarityNetwork.compare)
-          out.append(call(p, sim_lib.hardtanh(c), rows, cols, method=SimilarityNetwork.video_to_video))
-        else:
-          out.append(call(p, m, ql[:, None], t_len[None, :], method=SimilarityNetwork.video_to_video))
-      return jnp.concatenate(out, axis=0)
-
-    return jax.jit(fn, out_shardings=self._out_sharding)
-
   def index_queries(self, videos: Sequence[np.ndarray]) -> list:
-    """Lays the queries out in chunks (frames end to end), indexes them once, builds each chunk's scorer."""
+    """Lays the queries out in chunks (frames end to end, padded to the rows ladder), indexes them once and
+    forms the comparator groups (queries of one padded length, a ladder size of them)."""
     c = self.config
     lens = np.array([len(v) for v in videos])
     order = np.argsort(lens, kind='stable')
@@ -164,33 +145,33 @@ class Engine:
       part.append(i)
       rows_in_part += lens[i]
     chunks.append(part)
-    replicated = mesh_lib.replicated(self.mesh)
     out = []
     for part in chunks:
       offsets = np.concatenate([[0], np.cumsum(lens[part])])
-      n_rows = int(np.ceil(offsets[-1] / 8) * 8)
+      n_rows = bucket_of(int(offsets[-1]), bucket_lengths(int(offsets[-1]), c.query_rows_ratio))
       r, d = videos[part[0]].shape[1:]
-      flat = np.zeros((n_rows + 1, r, d), np.float32)
+      flat = np.zeros((n_rows + 1, r, d), np.float32)   # the last row stays zero: gathered for padding
       for k, i in enumerate(part):
         flat[offsets[k]:offsets[k + 1]] = videos[i]
-      groups, by_bucket = [], {}
+      groups, by_bucket, rows = [], {}, []
       for k, i in enumerate(part):
         by_bucket.setdefault(bucket_of(int(lens[i]), buckets), []).append(k)
-      rows = []
       for length, ks in sorted(by_bucket.items()):
         for s in range(0, len(ks), c.query_block):
           sub = ks[s:s + c.query_block]
-          gather = np.full((len(sub), length), n_rows, np.int32)     # the zero row by default
+          n = ladder(len(sub))[-1]   # the smallest ladder size holding the group
+          gather = np.full((n, length), n_rows, np.int32)     # the zero row by default
+          q_len = np.full(n, length, np.int32)                # padding queries: discarded rows
           for g, k in enumerate(sub):
             gather[g, :lens[part[k]]] = np.arange(offsets[k], offsets[k + 1])
-          groups.append((gather, lens[[part[k] for k in sub]].astype(np.int32)))
+            q_len[g] = lens[part[k]]
+          groups.append((jax.device_put(gather, self._replicated), jax.device_put(q_len, self._replicated),
+                         len(sub)))
           rows += [part[k] for k in sub]
-      x = jax.device_put(flat[None], replicated)
+      x = jax.device_put(flat[None], self._replicated)
       flat_indexed = self._index(self.params, x, jnp.asarray([offsets[-1]], jnp.int32))[0]
-      key = tuple((g.shape, g.tobytes(), q.tobytes()) for g, q in groups)
-      if key not in self._fns:   # the same query set scored again (e.g. another database) reuses compilations
-        self._fns[key] = self._chunk_fn(groups)
-      out.append(_QueryChunk(np.array(rows), flat_indexed, self._fns[key]))
+      flat_indexed = jax.device_put(flat_indexed, self._replicated)   # the sharding its scorers expect
+      out.append(_QueryChunk(np.array(rows), flat_indexed, groups, int(offsets[-1])))
     return out
 
   # -------------------------------------------------------------------------------------------- database
@@ -207,17 +188,38 @@ class Engine:
       by_bucket.setdefault(bucket_of(item[2] - item[1], buckets), []).append(item)
     q_rows = max(int(ch.flat.shape[0]) for ch in chunks)
     r, d = chunks[0].flat.shape[1:]
+    # A padded target frame costs its f2f cells and its indexing (the attention's [D, D] product on each of
+    # its R regions: about D / R cells' worth).
+    by_bucket = merge_buckets(by_bucket, sum(ch.frames for ch in chunks) + d / r, c.merge_cells)
+    live_regions = r * r if sim_lib.query_slices(q_rows, r) == 1 else r
     blocks = []
     for length, its in sorted(by_bucket.items()):
-      # Live memory per target: the f2f slices over regions for every query frame, the comparator's
-      # activations (32 channels at full resolution, more at lower ones; padded query rows included with
-      # a 2x margin) and the target's own features.
-      per_target = 4 * (q_rows * length * (r + 2 + 2 * 32) + 3 * length * r * d)
-      n = max(1, int(c.memory_budget_mb * 2**20 // per_target))
-      n = min(n, c.max_block_targets, len(its))
-      n = int(np.ceil(n / self.n_shards) * self.n_shards)
+      # Live memory per target: the region products of a slice of query frames (all regions of the
+      # query frames at once for short query sets: sim_lib.query_slices), the comparator's activations (32
+      # channels at full resolution, more at lower ones; padded query rows included with a 2x margin) and
+      # the target's own features.
+      per_target = 4 * (q_rows * length * (live_regions + 2 + 2 * 32) + 3 * length * r * d)
+      cap = min(max(1, int(c.memory_budget_mb * 2**20 // per_target)), c.max_block_targets)
+      n = block_size(len(its), cap, self.n_shards)
       blocks += [(length, its[s:s + n], n) for s in range(0, len(its), n)]
     return blocks
+
+  def _compile_ahead(self, chunks, blocks) -> None:
+    """Queues the compilation of every (query chunk, block shape) call in the order the blocks use them."""
+    r, d = chunks[0].flat.shape[1:]
+    for length, _, n in blocks:
+      t = struct(jax.ShapeDtypeStruct((n, length, r, d), np.float32), self._target_sharding)
+      tl = struct(jax.ShapeDtypeStruct((n,), np.int32), self._len_sharding)
+      for ch in chunks:
+        key = ('f2f', ch.flat.shape, n, length)
+        if key not in self._compiler:
+          self._compiler.submit(key, self._f2f, self.params, struct(ch.flat), t, tl)
+        f2f = None
+        for gather, q_len, _ in ch.groups:
+          if key + gather.shape not in self._compiler:
+            f2f = f2f or struct(jax.eval_shape(self._f2f, self.params, ch.flat, t, tl), self._f2f_sharding)
+            self._compiler.submit(key + gather.shape, self._group, self.params, f2f, struct(gather),
+                                  struct(q_len), tl)
 
   def score(self, ff: FeatureFile, query_ids: Sequence[str], db_ids: Sequence[str], progress: bool = True, *,
             state_dir: Optional[str] = None, save_every_s: float = 60.0, stop: Optional[Callable[[], bool]] = None,
@@ -254,6 +256,9 @@ class Engine:
       sums, counts, done = restored
     mine = [b for b in range(len(blocks)) if b % n == k]
     todo = [b for b in mine if b not in done]
+    waited = self._compiler.waited
+    if todo:
+      self._compile_ahead(chunks, [blocks[b] for b in todo])
     pairs_of = lambda bs: sum(len(blocks[b][1]) for b in bs) * len(query_ids)
     bar = state_lib.Progress(pairs_of(mine), pairs_of(mine) - pairs_of(todo), progress,
                              'query x database' + (f' [process {k}/{n}]' if n > 1 else ''), log_every_s)
@@ -282,6 +287,7 @@ class Engine:
           partial.save(sums, counts, done)
     finally:
       halt.set()
+      self._compiler.cancel_pending()
       bar.close()
     if partial is not None:
       partial.save(sums, counts, done)
@@ -296,7 +302,8 @@ class Engine:
     scored = pairs_of(todo) / max(pairs_of(mine), 1)   # this session's share of the work (resumed: less)
     self.stats = {'pairs': int(len(query_ids) * len(db_ids)), 'chunk_pairs': int(n_items * len(query_ids)),
                   'blocks': len(blocks), 'blocks_resumed': len(mine) - len(todo), 'blocks_scored': len(todo),
-                  'processes': n, 'seconds': seconds, 'chunk_pairs_per_second_this_process': rate,
+                  'processes': n, 'seconds': seconds, 'compile_wait_seconds': self._compiler.waited - waited,
+                  'chunk_pairs_per_second_this_process': rate,
                   'pairs_per_second': scored * len(query_ids) * len(db_ids) / max(seconds, 1e-9)}
     return (sums / counts[None, :]).astype(np.float32)
 
@@ -304,10 +311,18 @@ class Engine:
     """Scores one block against every query chunk and adds it to the float64 sums (always in plan order)."""
     t = jax.device_put(feats, self._target_sharding)
     tl = jax.device_put(lens, self._len_sharding)
-    t = self._index(self.params, t, tl)
-    results = [(ch, ch.fn(self.params, ch.flat, t, tl)) for ch in chunks]
+    n, length = feats.shape[:2]
+    results = []
+    for ch in chunks:
+      key = ('f2f', ch.flat.shape, n, length)
+      f2f = self._compiler.get(key)(self.params, ch.flat, t, tl)
+      start = 0
+      for gather, q_len, used in ch.groups:
+        res = self._compiler.get(key + gather.shape)(self.params, f2f, gather, q_len, tl)
+        results.append((ch.rows[start:start + used], res, used))
+        start += used
     video = np.array([v for v, _, _ in its])
-    host = [(ch, np.asarray(res, np.float64)[:, :len(its)]) for ch, res in results]   # all before adding
-    for ch, res in host:
-      np.add.at(sums, (ch.rows[:, None], video[None, :]), res)
+    host = [(rows, np.asarray(res, np.float64)[:used, :len(its)]) for rows, res, used in results]
+    for rows, res in host:   # all fetched before adding
+      np.add.at(sums, (rows[:, None], video[None, :]), res)
     np.add.at(counts, video, 1)

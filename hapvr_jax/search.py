@@ -100,7 +100,9 @@ def search(ix: IndexDir, engine, queries: list, shortlist: int, top_k: int = 10,
   """Ranks the index for each query (id, features [T, R, D], descriptor): [[row dict]] per query.
 
   Stage 1: the `shortlist` best coarse scores (every video when shortlist >= len(ix)); stage 2: the engine
-  on the union of the shortlists of `query_batch` queries at a time, each query ranked over its own."""
+  on the union of the shortlists of consecutive queries (at most `query_batch`, and only while the union stays
+  within twice a shortlist: disjoint small shortlists are scored query by query), each query ranked over its
+  own shortlist."""
   timings = {} if timings is None else timings
   ids = ix.ids()
   t0 = time.time()
@@ -109,9 +111,9 @@ def search(ix: IndexDir, engine, queries: list, shortlist: int, top_k: int = 10,
   timings['coarse_s'] = timings.get('coarse_s', 0.0) + time.time() - t0
   lists = [[(ids[r], float(s)) for s, r in zip(cs, rs) if r >= 0] for cs, rs in zip(c_scores, rows)]
   out = []
-  for start in range(0, len(queries), query_batch):
+  for start, stop in _batches(lists, shortlist, query_batch):
     t0 = time.time()
-    part, part_lists = queries[start:start + query_batch], lists[start:start + query_batch]
+    part, part_lists = queries[start:stop], lists[start:stop]
     union = sorted({v for lst in part_lists for v, _ in lst})
     qids = [f'\0query:{k}' for k in range(len(part))]   # never confused with an indexed id
     src = Source(ix, engine.model_config.min_len, {q: x for q, (_, x, _) in zip(qids, part)})
@@ -121,6 +123,19 @@ def search(ix: IndexDir, engine, queries: list, shortlist: int, top_k: int = 10,
     out += [_ranked(ix, qid, [(float(fine[k, col[v]]), v, c) for v, c in lst], top_k, min_score)
             for k, ((qid, _, _), lst) in enumerate(zip(part, part_lists))]
   return out
+
+
+def _batches(lists: list, shortlist: int, query_batch: int) -> list:
+  """[(start, stop)]: runs of consecutive queries scored together, at most query_batch of them, while the
+  union of their shortlists holds at most 2 x shortlist videos (each query costs the whole union)."""
+  out, start, union = [], 0, set()
+  for k, lst in enumerate(lists):
+    mine = {v for v, _ in lst}
+    if k > start and (k - start >= query_batch or len(union | mine) > 2 * shortlist):
+      out.append((start, k))
+      start, union = k, set()
+    union |= mine
+  return out + [(start, len(lists))] if lists else out
 
 
 def _ranked(ix: IndexDir, qid: str, scored: list, top_k: int, min_score: float) -> list:

@@ -101,31 +101,65 @@ def reduce_rows(s, row_len, col_len, kind: str, rate: float = 0.1, symmetric: bo
   return (forward + backward) / 2
 
 
+ONE_MATMUL_ROWS = 4096   # query rows (frames x regions) up to which every query region shares one matmul
+
+
+def query_slices(frames: int, regions: int) -> int:
+  """Slices of the query frames in frame_to_frame: one matmul over all query regions while frames x regions
+  is small (a few short queries: the targets are read once, the matmul has rows enough to run at speed),
+  else `regions` slices, which bound the live product by frames x target frames x regions."""
+  return 1 if frames * regions <= ONE_MATMUL_ROWS else regions
+
+
+TILED_ROWS = 1024          # a slice with at least this many rows whose product would exceed TILED_BYTES is
+TILED_BYTES = 32 * 2**20  # computed a few targets at a time (lax.map), each tile's product about TILE_BYTES:
+TILE_BYTES = 4 * 2**20    # small enough to be reduced from cache rather than written to memory and read back
+
+
+def _tiled(q, t, k: int, kind: str, precision):
+  """_all_regions over groups of targets whose region product fits TILE_BYTES, in a loop (lax.map)."""
+  a, s, r = q.shape[:3]
+  b, tt, r_t, d = t.shape
+  per_target = 4 * a * s * r * tt * r_t
+  if a * s * r < TILED_ROWS or per_target * b <= TILED_BYTES:
+    return _all_regions(q, t, k, kind, precision)
+  tb = max(1, min(b, TILE_BYTES // per_target))
+  groups = -(-b // tb)
+  tiles = jnp.pad(t, ((0, groups * tb - b), (0, 0), (0, 0), (0, 0))).reshape(groups, tb, tt, r_t, d)
+  out = lax.map(lambda x: _all_regions(q, x, k, kind, precision), tiles)   # [groups, A, S, tb, Tt]
+  return jnp.moveaxis(out, 0, 2).reshape(a, s, groups * tb, tt)[:, :, :b]
+
+
+def _all_regions(q, t, k: int, kind: str, precision):
+  """[A, S, B, Tt] of q [A, S, R, D] and t [B, Tt, R, D]: the [S*R, Tt*R] region dot products of every frame
+  pair in one matmul, reduced over target regions (max or top-k mean), then over query regions."""
+  a, s, r, d = q.shape
+  b, tt = t.shape[:2]
+  x = lax.dot_general(q.reshape(a * s * r, d), t.reshape(b * tt * r, d), (((1,), (1,)), ((), ())),
+                      precision=precision).reshape(a, s, r, b, tt, t.shape[2])
+  red = max_last(x) if k == 1 else jnp.mean(lax.top_k(x, k)[0], axis=-1)   # [A, S, R, B, Tt]
+  return jnp.max(red, axis=2) if kind == 'Max' else jnp.mean(red, axis=2)
+
+
 def frame_to_frame(q, t, kind: str, rate: float, symmetric: bool = False, precision=lax.Precision.HIGHEST):
   """Region-level similarity of every query frame to every target frame.
 
   q: [A, Tq, R, D] and t: [B, Tt, R, D] (already indexed). Returns f2f [A, B, Tq, Tt]: for each frame pair,
   the region-by-region dot products [R, R] reduced over target regions and averaged over query regions.
-  The loop over query regions keeps the live intermediate at [A, Tq, B, Tt, R] instead of R times that.
+  The products are one matmul per slice of query frames (query_slices) with the query regions as rows, over
+  a few targets at a time where the product would be large (_tiled).
   Frame validity is not needed here: padded frames are zero vectors and the caller masks their cells.
   """
   check_kind(kind)
-  n_regions = q.shape[-2]
   if kind == 'Average':   # mean over both region axes of <q_o, t_p> = <mean_o q, mean_p t>
     qm, tm = jnp.mean(q, axis=-2), jnp.mean(t, axis=-2)
     return jnp.einsum('aid,bjd->abij', qm, tm, precision=precision)
   if kind == 'Max' or (kind in ('Chamfer', 'TopKChamfer') and not symmetric):
     k = 1 if kind in ('Chamfer', 'Max') else topk_size(t.shape[-2], rate)
-    total = None
-    for o in range(n_regions):
-      # [A, Tq, B, Tt, R]: the natural matmul output layout (rows = query frames); transposed once at the end.
-      s = jnp.einsum('aid,bjpd->aibjp', q[:, :, o], t, precision=precision)
-      red = max_last(s) if k == 1 else jnp.mean(lax.top_k(s, k)[0], axis=-1)
-      if kind == 'Max':
-        total = red if total is None else jnp.maximum(total, red)
-      else:
-        total = red if total is None else total + red
-    total = total if kind == 'Max' else total / n_regions
+    a, tq, r = q.shape[:3]
+    step = -(-tq // query_slices(a * tq, r))
+    parts = [_tiled(q[:, s:s + step], t, k, kind, precision) for s in range(0, tq, step)]
+    total = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     return jnp.transpose(total, (0, 2, 1, 3))
   # Symmetric Chamfer / TopK-Chamfer over regions: build the full [.., R, R] block and reduce both ways.
   s = jnp.einsum('aiod,bjpd->abijop', q, t, precision=precision)

@@ -22,7 +22,7 @@ FLAG_PROGRAMS = ('hapvr_jax.convert', 'avhash_jax.convert', 'backbones.convert_b
                  'input_pipeline.avhash.make_shards', 'input_pipeline.hapvr.make_shards', 'hapvr_jax.extract',
                  'avhash_jax.extract', 'extraction.feature_writer', 'hapvr_jax.eval_matching',
                  'hapvr_jax.make_copies', 'hapvr_jax.copy_demo', 'hapvr_jax.search', 'avhash_jax.search',
-                 'bench.accelerator_suite')
+                 'bench.accelerator_suite', 'bench.first_results')
 POSITIONAL = {'extraction.feature_writer': 'parts'}   # programs that take arguments after the flags
 LAUNCHERS = {'launch/tpu.py': tpu, 'launch/gpu.py': gpu}
 _COMMAND = re.compile(r'python (?:-m ([\w.]+)|(launch/\w+\.py))([^`\n]*)')

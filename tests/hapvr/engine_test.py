@@ -8,6 +8,7 @@ import pytest
 
 from common_jax import mesh as mesh_lib
 from hapvr_jax import engine as engine_lib
+from hapvr_jax import engine_shapes
 from hapvr_jax import features as features_lib
 from hapvr_jax import model as model_lib
 from tests import helpers
@@ -66,18 +67,89 @@ def test_bucket_lengths_are_multiples_of_four_and_cover():
   assert engine_lib.bucket_of(9, b) >= 9 and engine_lib.bucket_of(8, b) == 8
 
 
-@pytest.mark.parametrize('chunk_size', [0, 16])
-def test_engine_equals_per_pair_loop(feature_file, network, chunk_size):
+def test_block_sizes_come_from_a_short_ladder():
+  assert engine_shapes.ladder(30) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15, 17, 20, 23, 26, 30]
+  block_size = engine_lib.block_size
+  assert block_size(7, 64) == 7 and block_size(1, 16) == 1 and block_size(13, 16) == 13
+  assert block_size(75, 64) == 39              # two blocks of 39 rather than 57 + 57 (64 is no ladder size)
+  assert block_size(200, 64) == 50             # four full blocks
+  assert block_size(3, 64, 8) == 8 and block_size(20, 64, 8) == 24 and block_size(20, 2, 8) == 8   # x shards
+
+
+def test_small_buckets_merge_while_their_padding_costs_little():
+  items = {8: ['a'] * 10, 12: ['b'] * 10, 40: ['c'] * 100}
+  # 10 targets x 4 more frames x 100 query frames = 4,000 cells < 5,000: bucket 8 joins 12; then 20 x 28 x 100
+  # = 56,000 cells: 12 stays
+  assert engine_lib.merge_buckets(items, 100, 5000) == {12: ['a'] * 10 + ['b'] * 10, 40: ['c'] * 100}
+  assert engine_lib.merge_buckets(items, 100, 4000) == items
+  assert engine_lib.merge_buckets(items, 100, 1e9) == {40: ['a'] * 10 + ['b'] * 10 + ['c'] * 100}
+
+
+def test_compiler_runs_in_order_and_drops_what_has_not_started():
+  import threading
+  started, release, order = threading.Event(), threading.Event(), []
+
+  class Fn:   # stands in for a jitted function: lower(*args).compile()
+    def __init__(self, name, wait=False):
+      self.name, self.wait = name, wait
+
+    def lower(self, *args):
+      return self
+
+    def compile(self):
+      if self.wait:
+        started.set()
+        release.wait(5)
+      order.append(self.name)
+      return self.name
+
+  c = engine_shapes.Compiler()
+  c.submit('a', Fn('a', wait=True), 1)
+  assert started.wait(5)
+  c.submit('b', Fn('b'), 2)
+  c.cancel_pending()                # 'a' is compiling, 'b' has not started
+  assert 'a' in c and 'b' not in c
+  release.set()
+  assert c.get('a') == 'a' and c.waited >= 0
+  c.submit('b', Fn('b'))            # a dropped shape can be queued again
+  assert c.get('b') == 'b' and order == ['a', 'b']
+
+
+def test_another_query_of_the_same_buckets_compiles_nothing(feature_file, network):
+  """Compiled shapes follow the length ladders, not the query set: q0 (3 frames, tiled to 12) after q1 (9)."""
+  cfg, params = network
+  ff = features_lib.FeatureFile(feature_file, dims=64, min_len=8)
+  eng = engine_lib.Engine(cfg, params, mesh_lib.make_mesh((('data', 2),), jax.devices()[:2]))
+  db = ['d1', 'd3', 'd6']
+  first = eng.score(ff, ['q1'], db, progress=False)
+  jobs = len(eng._compiler._jobs)
+  both = eng.score(ff, ['q0', 'q1'], db, progress=False)
+  assert len(eng._compiler._jobs) == jobs + 2      # 21 query rows (padded to 24) and a group of 2 queries
+  again = eng.score(ff, ['q0'], db, progress=False)
+  assert len(eng._compiler._jobs) == jobs + 2
+  np.testing.assert_allclose(both[1], first[0], atol=1e-6)
+  np.testing.assert_allclose(both[0], again[0], atol=1e-6)
+  ref = [_per_pair_reference(cfg, params, ff, 'q0', d, 0) for d in db]
+  np.testing.assert_allclose(again[0], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('chunk_size,merge_cells', [(0, 0), (16, engine_lib.EngineConfig.merge_cells)])
+def test_engine_equals_per_pair_loop(feature_file, network, chunk_size, merge_cells):
   cfg, params = network
   ff = features_lib.FeatureFile(feature_file, dims=64, min_len=8)
   queries = ['q0', 'q1', 'q2']
   database = [f'd{i}' for i in range(10)]
   mesh = mesh_lib.make_mesh()          # 8 fake CPU devices: the target blocks are sharded 8 ways
   eng = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(
-      chunk_size=chunk_size, bucket_ratio=1.6, query_block=2, memory_budget_mb=1))
+      chunk_size=chunk_size, bucket_ratio=1.6, query_block=2, memory_budget_mb=1, merge_cells=merge_cells))
   scores = eng.score(ff, queries, database, progress=False)
   assert scores.shape == (3, 10)
-  assert eng.stats['blocks'] > 2       # several buckets and blocks were exercised
+  lengths = {length for length, _, _ in eng.plan(ff.lengths(database), eng.index_queries(
+      [ff.read(q) for q in queries]))}
+  if merge_cells:   # this small workload: every target padded to one length, one compiled shape
+    assert len(lengths) == 1, lengths
+  else:             # several buckets and blocks were exercised
+    assert eng.stats['blocks'] > 2 and len(lengths) > 2, lengths
   ref = np.array([[_per_pair_reference(cfg, params, ff, q, d, chunk_size) for d in database] for q in queries])
   np.testing.assert_allclose(scores, ref, atol=1e-5, rtol=0)
 

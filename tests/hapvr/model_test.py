@@ -202,6 +202,36 @@ def test_frame_to_frame(kind, symmetric, regions, rate):
     assert np.max(np.abs(want - np_f2f(q, t, 'Chamfer', rate, symmetric))) > 1e-2
 
 
+@pytest.mark.parametrize('kind,rate', [('Chamfer', 0.1), ('TopKChamfer', 0.3), ('Max', 0.1)])
+def test_frame_to_frame_in_query_slices(kind, rate, monkeypatch):
+  """Long queries are scored in slices of query frames (each one matmul over all regions): the slices
+  together equal NumPy, ragged last slice included."""
+  monkeypatch.setattr(sim_lib, 'ONE_MATMUL_ROWS', 20)
+  assert sim_lib.query_slices(2 * 11, 9) == 9 and sim_lib.query_slices(2, 9) == 1
+  rng = np.random.default_rng(11)
+  q = unit(rng.normal(size=(2, 11, 9, 16)))    # 22 frames x 9 regions > 20 rows: slices of 2, 2, .., 1
+  t = unit(rng.normal(size=(3, 5, 9, 16)))
+  fn = jax.jit(lambda a, b: sim_lib.frame_to_frame(a, b, kind, rate))
+  got = fn(jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32))
+  assert_close(f'sliced f2f {kind}', got, np_f2f(q, t, kind, rate, False))
+
+
+@pytest.mark.parametrize('kind,rate', [('Chamfer', 0.1), ('TopKChamfer', 0.3)])
+def test_frame_to_frame_in_target_tiles(kind, rate, monkeypatch):
+  """Large products are computed two targets at a time in a loop: 3 targets (the last tile padded with a
+  zero target, dropped) equal NumPy."""
+  q = unit(np.random.default_rng(12).normal(size=(2, 4, 9, 16)))
+  t = unit(np.random.default_rng(13).normal(size=(3, 5, 9, 16)))
+  per_target = 4 * 2 * 4 * 9 * 5 * 9
+  monkeypatch.setattr(sim_lib, 'TILED_ROWS', 1)
+  monkeypatch.setattr(sim_lib, 'TILED_BYTES', 0)
+  monkeypatch.setattr(sim_lib, 'TILE_BYTES', 2 * per_target)
+  fn = jax.jit(lambda a, b: sim_lib.frame_to_frame(a, b, kind, rate))
+  got = fn(jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32))
+  assert 'while' in fn.lower(jnp.asarray(q, jnp.float32), jnp.asarray(t, jnp.float32)).as_text()   # the loop ran
+  assert_close(f'tiled f2f {kind}', got, np_f2f(q, t, kind, rate, False))
+
+
 def test_symmetric_topk_uses_configured_rate():
   """Documented deviation (docs/deviations.md): the original's symmetric TopK-Chamfer silently uses 0.3; the port
   uses the configured rate. With R = 9 and rate 0.1 the port takes k = 1, the original k = 3."""

@@ -129,3 +129,12 @@ def test_real_clips_an_edited_copy_finds_its_source_first(clips_index, tmp_path,
   code, err = run_error(search.main, [f'--index={clips_index["index"]}', f'--checkpoint={clips_index["checkpoint"]}',
                                       f'--resnet={other}', f'--query={copy}', f'--output={tmp_path}/bad'], capsys)
   assert code == 2 and 'other_resnet: this backbone makes 16-dim features' in err and len(err.splitlines()) == 1
+
+
+def test_queries_share_a_scoring_run_while_their_shortlists_overlap():
+  from hapvr_jax.search import _batches
+  lists = [[(v, 0.0) for v in vids] for vids in ('ab', 'ab', 'cd', 'ce')]
+  assert _batches(lists, 2, 16) == [(0, 3), (3, 4)]   # a b c d: 4 videos <= 2 x 2; adding e makes 5
+  assert _batches(lists, 2, 2) == [(0, 2), (2, 4)]    # at most 2 queries a run
+  assert _batches(lists, 5, 16) == [(0, 4)]            # shortlists of all 5 videos: one run
+  assert _batches([], 2, 16) == []
