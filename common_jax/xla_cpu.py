@@ -68,10 +68,14 @@ def backend_started() -> bool:
     return False
 
 
+ENV = 'JAX_VR_XLA_CPU'   # an option set name here replaces every command's choice (xla_default: XLA's own)
+
+
 def configure(*names: str, environ: MutableMapping[str, str] = os.environ) -> bool:
-  """Adds the option set of `names` (see `options_for`) to XLA_FLAGS in `environ`. False, with nothing changed,
-  when JAX's backend has already started (the options would not apply: call this before any computation)."""
-  options = options_for(names)
+  """Adds the option set of `names` (see `options_for`), or the set named by the JAX_VR_XLA_CPU variable, to
+  XLA_FLAGS in `environ`. False, with nothing changed, when JAX's backend has already started (the options would
+  not apply: call this before any computation)."""
+  options = options_for([environ[ENV]] if environ.get(ENV) else names)
   if backend_started():
     return False
   environ['XLA_FLAGS'] = merged(environ.get('XLA_FLAGS', ''), options)

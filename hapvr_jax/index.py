@@ -25,7 +25,7 @@ import numpy as np
 import tqdm
 from absl import flags
 
-from common_jax import cli, faults
+from common_jax import cli, faults, xla_cpu
 from common_jax.float_index import FloatIndex
 from common_jax.index_dir import IndexDir, IndexDirError
 from extraction import runner as extraction
@@ -176,6 +176,8 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(args) -> dict:
   ix_path = args.index
+  if not (args.merge or args.remove or args.features):
+    xla_cpu.configure('resnet50_irmac')   # video files: the backbone's CPU options, before JAX starts
   if args.merge:
     parts = [IndexDir.open(p, KIND) for p in args.merge]
     ix = IndexDir.create(ix_path, KIND, parts[0].config)

@@ -7,6 +7,8 @@ import sys
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {FAST_COMPILE}')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# commands run in subprocesses compute as the in-process runs they are compared with (XLA's own CPU options)
+os.environ.setdefault('JAX_VR_XLA_CPU', 'xla_default')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # One persistent XLA compilation cache for the whole run (xdist workers and the subprocesses tests start):
 # many tests compile the same tiny steps and engines, and on a 2-core CI machine compiling is most of the

@@ -120,3 +120,14 @@ def test_every_option_set_matches_torch(cases, tmp_path):
     for arch, (*_, want) in cases.items():
       print(f'[max rel err] {name} {arch}: {np.abs(got[arch] - want).max() / np.abs(want).max():.2g}')
       np.testing.assert_allclose(got[arch], want, **TOL, err_msg=f'{name} {arch}')
+
+
+def test_the_environment_variable_replaces_every_commands_choice(monkeypatch):
+  monkeypatch.setattr(xla_cpu, 'backend_started', lambda: False)
+  env = {'XLA_FLAGS': '--a=1', xla_cpu.ENV: 'no_ynn'}
+  assert xla_cpu.configure('resnet50_irmac', environ=env) and env['XLA_FLAGS'] == '--a=1 ' + xla_cpu.NO_YNN
+  env = {xla_cpu.ENV: 'xla_default'}
+  assert xla_cpu.configure('resnet50_irmac', environ=env) and env['XLA_FLAGS'] == ''
+  env = {}
+  assert xla_cpu.configure('resnet50_irmac', environ=env)
+  assert env['XLA_FLAGS'] == ' '.join(xla_cpu.OPTION_SETS['onednn'])

@@ -7,6 +7,7 @@ import pickle
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from bench import first_results
@@ -20,6 +21,16 @@ ARGS = ['--queries=2', '--database=4', '--index_videos=3', '--dims=16', '--query
 def _args(tmp_path, *extra):
   return cli.parse_flags(first_results.define_flags, [f'--workdir={tmp_path}', *ARGS, *extra])
 
+
+
+@pytest.fixture(autouse=True)
+def _torch_grad_mode():
+  """The per-pair loop turns autograd off for its whole process (as a bench does): give it back afterwards, or
+  later torch tests in this worker would see no gradients."""
+  import torch
+  was = torch.is_grad_enabled()
+  yield
+  torch.set_grad_enabled(was)
 
 def test_workload_and_baseline_loop(tmp_path):
   from common_jax import checkpoint
