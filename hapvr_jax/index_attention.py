@@ -38,7 +38,9 @@ class Weights:
 
   def apply(self, video_id: str, x: np.ndarray) -> np.ndarray:
     """x [T, R, D] of `video_id` weighed as the network's index_video weighs it (in float32)."""
-    return np.asarray(x, np.float32) * self[video_id][..., None]
+    out = np.array(x, np.float32)   # a copy, then in place: half the memory traffic of x * a
+    out *= self[video_id][..., None]
+    return out
 
 
 def attention_digest(params) -> str:
