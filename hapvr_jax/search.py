@@ -8,7 +8,9 @@ video already in the index) or `--queries=LIST` (one per line: a video file, or 
 Stage 1 shortlists `--shortlist` candidates per query (a count, a percentage such as 10%, or `all`) by the
 inner product of the coarse descriptors (hapvr_jax.coarse, in FAISS); stage 2 scores the shortlist with the
 similarity network through the evaluation engine (bucketed, batched, sharded over the devices).
-`--shortlist=all` scores every video: the same scores as hapvr_jax.evaluate. Prints a ranked table per query
+`--shortlist=all` scores every video: the same scores as hapvr_jax.evaluate. The region attention of the
+index's videos is kept per checkpoint in the index folder (hapvr_jax.index_attention): the first search after
+the index or the checkpoint changes computes it. Prints a ranked table per query
 (rank, id, path, score, coarse score) and the time of each stage, and writes results.jsonl, results.csv and the
 VSC descriptor-track candidates.csv (query_id,ref_id,score) into `--output`.
 
