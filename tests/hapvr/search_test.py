@@ -56,7 +56,7 @@ def test_shortlist_all_equals_evaluate(fivr, exhaustive):
   assert len(exhaustive) == len(data['queries']) * (len(data['queries']) + len(data['database']))
   for r in exhaustive:
     if r['id'] in fivr['sims'][r['query']]:
-      np.testing.assert_allclose(r['score'], fivr['sims'][r['query']][r['id']], atol=1e-5)
+      np.testing.assert_allclose(r['score'], fivr['sims'][r['query']][r['id']], atol=1e-6)
   for q in data['queries']:
     scores = [r['score'] for r in exhaustive if r['query'] == q]
     assert scores == sorted(scores, reverse=True)
