@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from common_jax import io_util
+
+if TYPE_CHECKING:
+  import orbax.checkpoint as ocp
 
 CKPT_SUBDIR = 'ckpt'
 MODEL_CONFIG = 'model_config.json'
@@ -39,6 +41,7 @@ def manager(directory: str, max_to_keep: Optional[int] = 3, save_interval_steps:
             item_names=('state',), async_save: bool = False, writer: bool = False) -> ocp.CheckpointManager:
   """The Orbax manager of DIR/ckpt; the folder appears with the first save. `writer` (the one training run
   that owns the directory) also removes the temporary folders of saves that a kill interrupted."""
+  import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=False,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=writer)
@@ -64,6 +67,7 @@ def read_model_config(directory: str) -> dict:
 
 def save_params(directory: str, params: Any, model_config: dict, step: int = 0) -> str:
   """Writes a parameters-only checkpoint (the converters' output). Returns the directory."""
+  import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   mngr = manager(directory, max_to_keep=None)
@@ -89,6 +93,9 @@ def load_params(directory: str, step: Optional[int] = None):
   model_config = read_model_config(directory)
   if not os.path.isdir(os.path.join(directory, CKPT_SUBDIR)):
     raise CheckpointError(f'{directory}: no {CKPT_SUBDIR}/ folder with Orbax steps')
+  if step is None and (params := read_single_step(directory)) is not None:
+    return params, model_config
+  import orbax.checkpoint as ocp
   mngr = manager(directory)
   try:
     step = mngr.latest_step() if step is None else step
@@ -114,8 +121,43 @@ def load_params(directory: str, step: Optional[int] = None):
   return state['params'], model_config
 
 
+def read_single_step(directory: str):
+  """The params of a checkpoint holding one committed step of arrays in Orbax's OCDBT layout, read through
+  TensorStore without Orbax (whose import alone takes longer than reading a small network: a search waits
+  for it); None for any other checkpoint, which Orbax reads."""
+  ckpt = os.path.join(os.path.abspath(directory), CKPT_SUBDIR)
+  steps = os.listdir(ckpt)
+  if len(steps) != 1 or not steps[0].isdigit():
+    return None
+  state = os.path.join(ckpt, steps[0], 'state')
+  if not all(os.path.exists(os.path.join(d, 'commit_success.txt')) for d in (os.path.dirname(state), state)):
+    return None
+  try:
+    with open(os.path.join(state, '_METADATA')) as f:
+      meta = json.load(f)
+    entries = list(meta['tree_metadata'].values()) if meta.get('use_ocdbt') else []
+    paths = [[k['key'] for k in e['key_metadata'] if k['key_type'] == 2] for e in entries]
+    if not entries or any(len(p) != len(e['key_metadata']) or p[0] != 'params' or any('.' in k for k in p) or
+                          e['value_metadata'].get('value_type') not in ('np.ndarray', 'jax.Array')
+                          for p, e in zip(paths, entries)):
+      return None
+    import tensorstore as ts
+    driver = 'zarr3' if meta.get('use_zarr3') else 'zarr'
+    out = {}
+    for path in paths:
+      spec = {'driver': driver, 'kvstore': {'driver': 'ocdbt', 'base': f'file://{state}/', 'path': '.'.join(path)}}
+      node = out
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = np.asarray(ts.open(spec, open=True, read=True).result().read().result())
+  except Exception:   # an unexpected layout or a damaged file: Orbax reads it, or names what is wrong
+    return None
+  return out['params']
+
+
 def save_train(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator=None, force: bool = False):
   """Saves the train state (and the Grain iterator position) at `step`; True if a save was started."""
+  import orbax.checkpoint as ocp
   args = {'state': ocp.args.StandardSave(state)}
   if data_iterator is not None:
     import grain
@@ -163,6 +205,7 @@ def restore_train(mngr: ocp.CheckpointManager, abstract_state: Any, data_iterato
   Newer steps that fail to read back are damaged: each is named in a warning and moved aside. When no step
   reads back, nothing is moved (the cause is more likely this run than the files: another model config, say)
   and a CheckpointError names the newest step and what is wrong."""
+  import orbax.checkpoint as ocp
   failed = []
   for step in sorted(mngr.all_steps(), reverse=True):
     args = {'state': ocp.args.StandardRestore(abstract_state)}

@@ -67,6 +67,8 @@ class EngineConfig:
   dtype: str = 'float32'          # compute dtype of the network: 'float32' or 'bfloat16' (accuracy cost:
                                   # bench/hapvr_eval.py --dtype=bfloat16; docs/performance.md)
   features_only: bool = False     # the original's features_only mode: no comparator CNN
+  indexed_targets: bool = False   # the database features arrive already through the network's index_video
+                                  # in float32 (a search index's cached attention): not indexed again
   prefetch_blocks: int = 2
 
   def __post_init__(self):
@@ -109,7 +111,10 @@ class Engine:
                           out_shardings=self._replicated)
 
     def f2f(p, flat, t, t_len):   # targets indexed, then [B, rows, Lt]: every query frame of the chunk
-      t = call(p, t.astype(dtype), t_len, method=SimilarityNetwork.index_video)
+      if config.indexed_targets:   # frames past t_len are masked out of the map by frame_to_frame
+        t = t.astype(dtype)
+      else:
+        t = call(p, t.astype(dtype), t_len, method=SimilarityNetwork.index_video)
       m = call(p, flat[None], t, None, t_len, method=SimilarityNetwork.frame_to_frame)[0]
       return call(p, m, method=SimilarityNetwork.comparator_input)
 
@@ -189,8 +194,9 @@ class Engine:
     q_rows = max(int(ch.flat.shape[0]) for ch in chunks)
     r, d = chunks[0].flat.shape[1:]
     # A padded target frame costs its f2f cells and its indexing (the attention's [D, D] product on each of
-    # its R regions: about D / R cells' worth).
-    by_bucket = merge_buckets(by_bucket, sum(ch.frames for ch in chunks) + d / r, c.merge_cells)
+    # its R regions: about D / R cells' worth) unless the targets arrive indexed.
+    indexing = 0 if c.indexed_targets else d / r
+    by_bucket = merge_buckets(by_bucket, sum(ch.frames for ch in chunks) + indexing, c.merge_cells)
     live_regions = r * r if sim_lib.query_slices(q_rows, r) == 1 else r
     blocks = []
     for length, its in sorted(by_bucket.items()):

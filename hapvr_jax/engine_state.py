@@ -143,6 +143,15 @@ def allgather_sum(sums: np.ndarray, counts: np.ndarray):
   return gather(sums), gather(counts)
 
 
+def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+  """Zeros whose data starts on an `align`-byte boundary: a CPU device then uses the array in place (a block
+  is never written after it is handed over) where an unaligned one is copied, a memory pass per block."""
+  size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  buf = np.zeros(size + align, np.uint8)
+  start = -buf.ctypes.data % align
+  return buf[start:start + size].view(dtype).reshape(shape)
+
+
 def read_blocks(ff, db_ids, blocks, out: queue.Queue, stop: threading.Event):
   """The reader thread: each block's padded features [n, length, R, D] and lengths, a few blocks ahead."""
   try:
@@ -153,7 +162,7 @@ def read_blocks(ff, db_ids, blocks, out: queue.Queue, stop: threading.Event):
         if cache_id != v:
           cache_id, cache = v, ff.read(db_ids[v])
         if feats is None:
-          feats = np.zeros((n, length) + cache.shape[1:], np.float32)
+          feats = aligned_zeros((n, length) + cache.shape[1:], np.float32)
         feats[j, :e - s] = cache[s:e]
         lens[j] = e - s
       lens[len(its):] = length   # padding targets: zero features, discarded afterwards

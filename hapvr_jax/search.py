@@ -8,7 +8,9 @@ video already in the index) or `--queries=LIST` (one per line: a video file, or 
 Stage 1 shortlists `--shortlist` candidates per query (a count, a percentage such as 10%, or `all`) by the
 inner product of the coarse descriptors (hapvr_jax.coarse, in FAISS); stage 2 scores the shortlist with the
 similarity network through the evaluation engine (bucketed, batched, sharded over the devices).
-`--shortlist=all` scores every video: the same scores as hapvr_jax.evaluate. Prints a ranked table per query
+`--shortlist=all` scores every video: the same scores as hapvr_jax.evaluate. The region attention of the
+index's videos is kept per checkpoint in the index folder (hapvr_jax.index_attention): the first search after
+the index or the checkpoint changes computes it. Prints a ranked table per query
 (rank, id, path, score, coarse score) and the time of each stage, and writes results.jsonl, results.csv and the
 VSC descriptor-track candidates.csv (query_id,ref_id,score) into `--output`.
 
@@ -37,6 +39,7 @@ from common_jax import cli, io_util
 from common_jax.index_dir import IndexDir, IndexDirError
 from hapvr_jax import coarse
 from hapvr_jax import index as index_lib
+from hapvr_jax import index_attention
 from hapvr_jax.features import tile_min_len, tiled_length
 
 COLUMNS = ('query', 'rank', 'id', 'path', 'score', 'coarse_score')
@@ -44,18 +47,27 @@ COLUMNS = ('query', 'rank', 'id', 'path', 'score', 'coarse_score')
 
 class Source:
   """What the engine reads (`read`, `lengths`): the index's stored features, plus query videos held in
-  memory, tiled to the network's min_len as the evaluation's feature file is."""
+  memory, tiled to the network's min_len as the evaluation's feature file is. With `weights`
+  (hapvr_jax.index_attention) the index's videos come out already weighed by their attention."""
 
-  def __init__(self, ix: IndexDir, min_len: int, extra: dict | None = None):
-    self.ix, self.min_len, self.extra = ix, min_len, dict(extra or {})
+  def __init__(self, ix: IndexDir, min_len: int, extra: dict | None = None, weights=None):
+    self.ix, self.min_len, self.extra, self.weights = ix, min_len, dict(extra or {}), weights
 
   def read(self, video_id: str) -> np.ndarray:
-    x = self.extra[video_id] if video_id in self.extra else self.ix.read(video_id, 'features')
+    if video_id in self.extra:
+      x = self.extra[video_id]
+    else:
+      x = self.ix.read(video_id, 'features')
+      x = x if self.weights is None else self.weights.apply(video_id, x)
     return tile_min_len(np.asarray(x, np.float32), self.min_len)
 
   def lengths(self, video_ids) -> np.ndarray:
-    n = [len(self.extra[v]) if v in self.extra else self.ix.shape(v, 'features')[0] for v in video_ids]
+    n = [len(self.extra[v]) if v in self.extra else self._frames(v) for v in video_ids]
     return np.array([tiled_length(k, self.min_len) for k in n], np.int64)
+
+  def _frames(self, video_id: str) -> int:   # from the log's metadata: no HDF5 access for the plan
+    frames = self.ix.meta(video_id).get('frames')
+    return int(frames) if frames is not None else self.ix.shape(video_id, 'features')[0]
 
 
 def parse_shortlist(value: str, n: int) -> int:
@@ -96,13 +108,16 @@ def check_backbone(ix: IndexDir, net, where: str) -> None:
 
 
 def search(ix: IndexDir, engine, queries: list, shortlist: int, top_k: int = 10, min_score: float = -np.inf,
-           progress: bool = False, timings: dict | None = None, query_batch: int = 16) -> list:
+           progress: bool = False, timings: dict | None = None, query_batch: int = 16, weights=None) -> list:
   """Ranks the index for each query (id, features [T, R, D], descriptor): [[row dict]] per query.
 
   Stage 1: the `shortlist` best coarse scores (every video when shortlist >= len(ix)); stage 2: the engine
   on the union of the shortlists of consecutive queries (at most `query_batch`, and only while the union stays
   within twice a shortlist: disjoint small shortlists are scored query by query), each query ranked over its
-  own shortlist."""
+  own shortlist. `weights`: the index's attention (hapvr_jax.index_attention.refresh), for an engine built
+  with EngineConfig(indexed_targets=True)."""
+  if engine.config.indexed_targets != (weights is not None):
+    raise ValueError('an engine with indexed_targets=True needs the attention weights, and only it')
   timings = {} if timings is None else timings
   ids = ix.ids()
   t0 = time.time()
@@ -116,7 +131,7 @@ def search(ix: IndexDir, engine, queries: list, shortlist: int, top_k: int = 10,
     part, part_lists = queries[start:stop], lists[start:stop]
     union = sorted({v for lst in part_lists for v, _ in lst})
     qids = [f'\0query:{k}' for k in range(len(part))]   # never confused with an indexed id
-    src = Source(ix, engine.model_config.min_len, {q: x for q, (_, x, _) in zip(qids, part)})
+    src = Source(ix, engine.model_config.min_len, {q: x for q, (_, x, _) in zip(qids, part)}, weights)
     fine = engine.score(src, qids, union, progress=progress)
     timings['fine_s'] = timings.get('fine_s', 0.0) + time.time() - t0
     col = {v: j for j, v in enumerate(union)}
@@ -282,8 +297,13 @@ def run(args) -> dict:
   queries = query_features(ix, items, args.resnet)
   timings['query_features_s'] = time.time() - t0
   cli.enable_compilation_cache(args.compilation_cache)
-  engine = engine_lib.Engine(model_config, params, mesh_lib.make_mesh(devices=jax.local_devices()))
-  results = search(ix, engine, queries, shortlist, args.top_k, args.min_score, args.progress, timings)
+  t0 = time.time()
+  weights = index_attention.refresh(ix, model_config, params)
+  timings['attention_s'] = time.time() - t0
+  engine = engine_lib.Engine(model_config, params, mesh_lib.make_mesh(devices=jax.local_devices()),
+                             engine_lib.EngineConfig(indexed_targets=weights is not None))
+  results = search(ix, engine, queries, shortlist, args.top_k, args.min_score, args.progress, timings,
+                   weights=weights)
   if args.localize or args.report:
     from hapvr_jax import matches
     t0 = time.time()

@@ -41,6 +41,24 @@ def test_params_checkpoint_round_trip(tmp_path):
     checkpoint.load_params(str(tmp_path / 'empty'))
 
 
+def test_a_single_step_is_read_without_orbax_as_orbax_reads_it(tmp_path):
+  rng = np.random.default_rng(0)
+  params = {'net': {'conv': {'kernel': rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+                             'bias': np.zeros(4, np.float32)}},
+            'table': rng.integers(0, 9, (5,)).astype(np.int32), 'half': rng.normal(size=(7,)).astype(np.float16)}
+  d = str(tmp_path / 'ck')
+  checkpoint.save_params(d, params, {'dims': 3})
+  fast = checkpoint.read_single_step(d)
+  slow, _ = checkpoint.load_params(d, step=0)   # a step given: through Orbax
+  assert jax.tree.structure(fast) == jax.tree.structure(slow) == jax.tree.structure(params)
+  for a, b, c in zip(jax.tree.leaves(fast), jax.tree.leaves(slow), jax.tree.leaves(params)):
+    assert a.dtype == b.dtype == c.dtype and a.shape == b.shape == c.shape
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+  checkpoint.save_params(d, params, {'dims': 3}, step=1)   # two steps: which is the latest is Orbax's call
+  assert checkpoint.read_single_step(d) is None
+
+
 def test_metric_writer_writes_jsonl_and_tensorboard_events(tmp_path):
   with MetricWriter(str(tmp_path)) as w:
     w.write_scalars(0, {'loss': 1.5, 'lr': 1e-4})

@@ -172,3 +172,13 @@ def test_allgather_sum_keeps_float64_on_one_process():
   assert s.dtype == np.float64 and c.dtype == np.int64
   np.testing.assert_array_equal(s, sums)
   np.testing.assert_array_equal(c, counts)
+
+
+def test_aligned_zeros_start_on_the_boundary_a_cpu_device_uses_in_place():
+  from hapvr_jax.engine_state import aligned_zeros
+  for shape, dtype in (((3, 5, 7), np.float32), ((1,), np.int32), ((2, 9, 64), np.float64)):
+    x = aligned_zeros(shape, dtype)
+    assert x.shape == shape and x.dtype == dtype and x.ctypes.data % 64 == 0 and not x.any()
+  x = aligned_zeros((4, 8, 9, 16), np.float32)
+  x[:] = np.arange(x.size, dtype=np.float32).reshape(x.shape)
+  np.testing.assert_array_equal(np.asarray(jax.device_put(x)), np.arange(x.size).reshape(x.shape))

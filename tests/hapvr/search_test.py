@@ -56,7 +56,7 @@ def test_shortlist_all_equals_evaluate(fivr, exhaustive):
   assert len(exhaustive) == len(data['queries']) * (len(data['queries']) + len(data['database']))
   for r in exhaustive:
     if r['id'] in fivr['sims'][r['query']]:
-      np.testing.assert_allclose(r['score'], fivr['sims'][r['query']][r['id']], atol=1e-5)
+      np.testing.assert_allclose(r['score'], fivr['sims'][r['query']][r['id']], atol=1e-6)
   for q in data['queries']:
     scores = [r['score'] for r in exhaustive if r['query'] == q]
     assert scores == sorted(scores, reverse=True)
@@ -138,3 +138,45 @@ def test_queries_share_a_scoring_run_while_their_shortlists_overlap():
   assert _batches(lists, 2, 2) == [(0, 2), (2, 4)]    # at most 2 queries a run
   assert _batches(lists, 5, 16) == [(0, 4)]            # shortlists of all 5 videos: one run
   assert _batches([], 2, 16) == []
+
+
+def test_cached_attention_scores_as_the_uncached_engine_and_a_read_only_index_searches(fivr, exhaustive,
+                                                                                       tmp_path, monkeypatch):
+  import types
+
+  import jax
+  from common_jax import checkpoint, mesh as mesh_lib
+  from common_jax.index_dir import IndexDir
+  from hapvr_jax import engine as engine_lib, index_attention, model as model_lib
+  ix = IndexDir.open(fivr['index'], index.KIND)
+  assert index_attention.is_cached(ix, checkpoint.load_params(fivr['ckpt'])[0])   # written by `exhaustive`
+  params, cfg = checkpoint.load_params(fivr['ckpt'])
+  cfg = model_lib.ModelConfig.from_dict(cfg)
+  queries = search.query_features(ix, [(q, None) for q in fivr['data']['queries']], '')
+  mesh = mesh_lib.make_mesh(devices=jax.local_devices())
+  scores = []
+  for indexed in (False, True):
+    engine = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(indexed_targets=indexed))
+    weights = index_attention.refresh(ix, cfg, params) if indexed else None
+    rows = search.search(ix, engine, queries, len(ix), top_k=1000, weights=weights)
+    scores.append({(r['query'], r['id']): r['score'] for per_query in rows for r in per_query})
+  assert scores[0].keys() == scores[1].keys() == {(r['query'], r['id']) for r in exhaustive}
+  for pair, s in scores[0].items():
+    assert abs(scores[1][pair] - s) <= 1e-6, pair
+  with pytest.raises(ValueError, match='indexed_targets'):
+    search.search(ix, engine, queries, len(ix))
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied', args[0])
+  copy = str(tmp_path / 'read_only')
+  os.system(f'cp -r {fivr["index"]} {copy}')
+  os.remove(os.path.join(copy, index_attention.ATTENTION_FILE))
+  monkeypatch.setattr(index_attention, 'io_util', types.SimpleNamespace(atomic_open=refuse))
+  q = fivr['data']['queries'][0]
+  rows = _search(tmp_path / 'out', f'--index={copy}', f'--checkpoint={fivr["ckpt"]}', f'--query_id={q}',
+                 '--shortlist=all', '--top_k=1000')
+  assert not os.path.exists(os.path.join(copy, index_attention.ATTENTION_FILE))
+  full = {r['id']: r['score'] for r in exhaustive if r['query'] == q}
+  assert {r['id'] for r in rows} == full.keys()
+  for r in rows:
+    assert abs(r['score'] - full[r['id']]) <= 1e-6, r
