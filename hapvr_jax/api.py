@@ -96,6 +96,17 @@ class Model:
     return self._maps
 
   @property
+  def indexed_engine(self):
+    """The engine for targets already weighed by their cached attention (an index search)."""
+    if getattr(self, '_indexed', None) is None:
+      import jax
+      from common_jax import mesh as mesh_lib
+      from hapvr_jax import engine as engine_lib
+      self._indexed = engine_lib.Engine(self.config, self.params, mesh_lib.make_mesh(devices=jax.local_devices()),
+                                        engine_lib.EngineConfig(indexed_targets=True))
+    return self._indexed
+
+  @property
   def engine(self):
     if self._engine is None:
       import jax
@@ -182,7 +193,10 @@ class Index:
     k = search_lib.parse_shortlist(str(shortlist), len(self.ix)) if len(self.ix) else 0
     if not k:
       raise ValueError(f'{self.ix.path}: the index is empty; add videos first')
-    rows = search_lib.search(self.ix, self.model.engine, [item], k, top_k, min_score)[0]
+    from hapvr_jax import index_attention
+    weights = index_attention.refresh(self.ix, self.model.config, self.model.params)   # cached as the command does
+    engine = self.model.engine if weights is None else self.model.indexed_engine
+    rows = search_lib.search(self.ix, engine, [item], k, top_k, min_score, weights=weights)[0]
     if localize:
       from hapvr_jax import matches
       matches.localize_results([rows], {item[0]: item[1]}, lambda v: self.ix.read(v, 'features'),

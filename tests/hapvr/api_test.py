@@ -41,6 +41,7 @@ def test_similarity_and_index_match_the_programs(corpus, checkpoint32, tmp_path)
   assert ix.add(feats) == sorted(feats) and len(ix) == 10
   assert ix.add(feats) == []    # nothing new
   hits = ix.search('v00', top_k=100)
+  assert (tmp_path / 'api' / 'attention.npz').exists()   # the index's attention, cached as the command caches it
   assert [(h['id'], h['rank']) for h in hits] == [(r['id'], r['rank']) for r in want]
   np.testing.assert_allclose([h['score'] for h in hits], [r['score'] for r in want], atol=1e-6)
   by_features = ix.search(feats['v00'], top_k=3, shortlist=2)
