@@ -90,9 +90,6 @@ def evaluate(config, workdir: str) -> dict:
       raise engine_state.Stopped(f'stopped by {stop.signal_name}: {e}') from None
     return engine, out
 
-  if writer and config.plots:   # matplotlib's import overlaps the scoring instead of following it
-    from common_jax import plots
-    plots.import_in_background()
   try:
     engine, scores = score(config.engine.to_dict(), 'model')
     metrics = bench.evaluate(scores, queries, database)
