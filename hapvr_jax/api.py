@@ -38,7 +38,7 @@ class Model:
 
   def __init__(self, model_config, params, backbone=None, fps: float = 1.0):
     self.config, self.params, self.backbone, self.fps = model_config, params, backbone, fps
-    self._runner, self._engine, self._fns = None, None, None
+    self._runner, self._engine, self._fns, self._maps, self._indexed = None, None, None, None, None
 
   def features(self, video) -> np.ndarray:
     """float32 [T, R, D] of a video file (decoded as the index extractor does) or of an array."""
@@ -91,14 +91,14 @@ class Model:
 
   def _pair_maps(self):
     from hapvr_jax import matches
-    if getattr(self, '_maps', None) is None:
+    if self._maps is None:
       self._maps = matches.PairMaps(self.config, self.params)
     return self._maps
 
   @property
   def indexed_engine(self):
     """The engine for targets already weighed by their cached attention (an index search)."""
-    if getattr(self, '_indexed', None) is None:
+    if self._indexed is None:
       import jax
       from common_jax import mesh as mesh_lib
       from hapvr_jax import engine as engine_lib

@@ -68,13 +68,19 @@ def averaging_network(path: str, dims: int, seed: int = 0) -> str:
   if os.path.isdir(path) and os.listdir(path):
     return path
   cfg = model_lib.ModelConfig(dims=dims)
-  params = jax.tree_util.tree_map(np.asarray, model_lib.init_params(cfg, seed=seed))
+  params = averaging_comparator(jax.tree_util.tree_map(np.asarray, model_lib.init_params(cfg, seed=seed)))
+  checkpoint.save_params(path, params, dataclasses.replace(cfg, source='jax').to_dict())
+  return path
+
+
+def averaging_comparator(params: dict) -> dict:
+  """`params` (NumPy leaves) with every comparator filter made an average and its bias zero, in place: untrained,
+  the comparator's output then still grows with the frame-to-frame similarity."""
   for layer in params['comparator_module'].values():
     h, w, c_in, _ = layer['kernel'].shape
     layer['kernel'] = np.full(layer['kernel'].shape, 1 / (h * w * c_in), np.float32)
     layer['bias'] = np.zeros_like(layer['bias'])
-  checkpoint.save_params(path, params, dataclasses.replace(cfg, source='jax').to_dict())
-  return path
+  return params
 
 
 def _step(name: str, main, argv: list) -> None:

@@ -37,10 +37,8 @@ def make_checkpoint(path, dims=DIMS, seed=0, averaging_comparator=False):
   cfg = model_lib.ModelConfig(dims=dims)
   params = jax.tree_util.tree_map(np.asarray, model_lib.init_params(cfg, seed=seed))
   if averaging_comparator:
-    for layer in params['comparator_module'].values():
-      h, w, c_in, _ = layer['kernel'].shape
-      layer['kernel'] = np.full(layer['kernel'].shape, 1 / (h * w * c_in), np.float32)
-      layer['bias'] = np.zeros_like(layer['bias'])
+    from hapvr_jax.copy_demo import averaging_comparator as averaging
+    params = averaging(params)
   checkpoint.save_params(str(path), params, cfg.to_dict())
   return str(path)
 
