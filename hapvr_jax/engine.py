@@ -29,12 +29,13 @@ import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import flax
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from common_jax import faults, mesh as mesh_lib
+from common_jax import executables, faults, mesh as mesh_lib
 from hapvr_jax import engine_state as state_lib
 from hapvr_jax.engine_shapes import (Compiler, block_size, bucket_lengths, bucket_of, ladder, merge_buckets,  # noqa: F401
                                      split_chunks, struct)
@@ -42,6 +43,7 @@ from hapvr_jax import similarity as sim_lib
 from hapvr_jax.features import FeatureFile
 from hapvr_jax.model import ModelConfig, SimilarityNetwork
 
+TRACED_MODULES = ('hapvr_jax.engine', 'hapvr_jax.model', 'hapvr_jax.similarity', 'common_jax.mesh')
 PRECISIONS = {'highest': lax.Precision.HIGHEST, 'default': lax.Precision.DEFAULT}
 
 
@@ -127,7 +129,9 @@ class Engine:
 
     self._f2f = jax.jit(f2f, out_shardings=self._f2f_sharding)
     self._group = jax.jit(group, out_shardings=self._out_sharding)
-    self._compiler = Compiler()
+    # a change to the traced code or to a configuration changes every executable's key
+    self._compiler = Compiler(executables.source_fingerprint(TRACED_MODULES) +
+                              repr((model_config, config, flax.__version__)))
     self.stats = {}
 
   def set_params(self, params) -> None:

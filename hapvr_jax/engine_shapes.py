@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 import jax
 
+from common_jax import executables
+
 LADDER_RATIO = 1.125   # block and group sizes: 1-8, then growing by this factor (at most 12.5% padding)
 
 
@@ -79,15 +81,22 @@ class Compiler:
   """Compiles jitted functions for given argument shapes in one background thread, in submission order.
 
   submit(key, fn, *args): args may be ShapeDtypeStructs (with their shardings); get(key) waits for the
-  executable. `waited` is the time the caller spent waiting for compilations."""
+  executable. `waited` is the time the caller spent waiting for compilations. Executables come from
+  common_jax.executables (no tracing on a warm run) under `fingerprint`, which must change whenever the
+  traced code or its configuration does."""
 
-  def __init__(self):
+  def __init__(self, fingerprint: str = ''):
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='engine-compile')
     self._jobs = {}
     self.waited = 0.0
+    self.fingerprint = fingerprint
 
   def submit(self, key, fn, *args) -> None:
-    self._jobs[key] = self._pool.submit(lambda: fn.lower(*args).compile())
+    name = f'hapvr_jax.engine.{key[0]}/{len(key)}'
+    if self.fingerprint:
+      self._jobs[key] = self._pool.submit(executables.compiled, fn, args, name, self.fingerprint)
+    else:
+      self._jobs[key] = self._pool.submit(lambda: fn.lower(*args).compile())
 
   def __contains__(self, key) -> bool:
     return key in self._jobs
