@@ -105,6 +105,7 @@ class Engine:
     self._replicated = mesh_lib.replicated(mesh)
     self._target_sharding = mesh_lib.batch_sharding(mesh, 0, 4)
     self._len_sharding = mesh_lib.batch_sharding(mesh, 0, 1)
+    self._column_sharding = mesh_lib.batch_sharding(mesh, 0, 3)
     self._f2f_sharding = mesh_lib.batch_sharding(mesh, 0, 3)
     self._out_sharding = NamedSharding(mesh, P(None, *self._len_sharding.spec))
     net, apply_visil = self.net, not config.features_only
@@ -112,12 +113,18 @@ class Engine:
     self._index = jax.jit(lambda p, x, n: call(p, x.astype(dtype), n, method=SimilarityNetwork.index_video),
                           out_shardings=self._replicated)
 
-    def f2f(p, flat, t, t_len):   # targets indexed, then [B, rows, Lt]: every query frame of the chunk
-      if config.indexed_targets:   # frames past t_len are masked out of the map by frame_to_frame
+    def f2f(p, flat, t, frames, columns):   # [B, rows, Lt]: every query frame of the chunk x every target's
+      # t [S, C, R, D]: each shard's targets end to end (no padding to the bucket length in the f2f matmul, most
+      # of the FLOPs), `frames` of them real; columns [S, B / S, Lt]: each target's frames, C for padding
+      if config.indexed_targets:   # frames past `frames` are masked out of the map by frame_to_frame
         t = t.astype(dtype)
       else:
-        t = call(p, t.astype(dtype), t_len, method=SimilarityNetwork.index_video)
-      m = call(p, flat[None], t, None, t_len, method=SimilarityNetwork.frame_to_frame)[0]
+        t = call(p, t.astype(dtype), frames, method=SimilarityNetwork.index_video)
+      m = call(p, flat[None], t, None, frames, method=SimilarityNetwork.frame_to_frame)[0]   # [S, rows, C]
+      m = jnp.pad(m, ((0, 0), (0, 0), (0, 1)))                 # column C: zeros, for the padding frames
+      m = jax.vmap(lambda x, cols: x[:, cols])(m, columns)     # [S, rows, B / S, Lt]
+      rows, lt = m.shape[1], m.shape[3]
+      m = jnp.moveaxis(m, 2, 1).reshape(-1, rows, lt)          # [B, rows, Lt]
       return call(p, m, method=SimilarityNetwork.comparator_input)
 
     def group(p, f2f, gather, q_len, t_len):   # one comparator group's scores [n, B]
@@ -202,7 +209,7 @@ class Engine:
     indexing = 0 if c.indexed_targets else d / r
     by_bucket = merge_buckets(by_bucket, sum(ch.frames for ch in chunks) + indexing, c.merge_cells)
     live_regions = r * r if sim_lib.query_slices(q_rows, r) == 1 else r
-    blocks = []
+    blocks, self._cols = [], {}
     for length, its in sorted(by_bucket.items()):
       # Live memory per target: the region products of a slice of query frames (all regions of the
       # query frames at once for short query sets: sim_lib.query_slices), the comparator's activations (32
@@ -212,22 +219,34 @@ class Engine:
       cap = min(max(1, int(c.memory_budget_mb * 2**20 // per_target)), c.max_block_targets)
       n = block_size(len(its), cap, self.n_shards)
       blocks += [(length, its[s:s + n], n) for s in range(0, len(its), n)]
+      # the columns of a shard's targets laid end to end, one count per (length, n) from a ladder: shapes
+      # compiled once per bucket, as many as with padded targets
+      per = n // self.n_shards
+      most = max(sum(e - s for _, s, e in its[i:i + per]) for i in range(0, len(its), per))
+      self._cols[length, n] = bucket_of(most, bucket_lengths(most, c.query_rows_ratio))
     return blocks
+
+  def _columns(self, length: int, n: int) -> int:
+    return self._cols[length, n]
 
   def _compile_ahead(self, chunks, blocks) -> None:
     """Queues the compilation of every (query chunk, block shape) call in the order the blocks use them."""
     r, d = chunks[0].flat.shape[1:]
+    s = self.n_shards
     for length, _, n in blocks:
-      t = struct(jax.ShapeDtypeStruct((n, length, r, d), np.float32), self._target_sharding)
+      t = struct(jax.ShapeDtypeStruct((s, self._columns(length, n), r, d), np.float32), self._target_sharding)
+      frames = struct(jax.ShapeDtypeStruct((s,), np.int32), self._len_sharding)
+      columns = struct(jax.ShapeDtypeStruct((s, n // s, length), np.int32), self._column_sharding)
       tl = struct(jax.ShapeDtypeStruct((n,), np.int32), self._len_sharding)
       for ch in chunks:
-        key = ('f2f', ch.flat.shape, n, length)
+        key = ('f2f', ch.flat.shape, n, length, t.shape[1])
+        args = (self.params, struct(ch.flat), t, frames, columns)
         if key not in self._compiler:
-          self._compiler.submit(key, self._f2f, self.params, struct(ch.flat), t, tl)
+          self._compiler.submit(key, self._f2f, *args)
         f2f = None
         for gather, q_len, _ in ch.groups:
           if key + gather.shape not in self._compiler:
-            f2f = f2f or struct(jax.eval_shape(self._f2f, self.params, ch.flat, t, tl), self._f2f_sharding)
+            f2f = f2f or struct(jax.eval_shape(self._f2f, *args), self._f2f_sharding)
             self._compiler.submit(key + gather.shape, self._group, self.params, f2f, struct(gather),
                                   struct(q_len), tl)
 
@@ -275,7 +294,8 @@ class Engine:
     q = queue.Queue(maxsize=max(1, self.config.prefetch_blocks))
     halt = threading.Event()
     reader = threading.Thread(target=state_lib.read_blocks, daemon=True,
-                              args=(ff, list(db_ids), [blocks[b] for b in todo], q, halt))
+                              args=(ff, list(db_ids), [blocks[b] for b in todo], q, halt, self.n_shards,
+                                    self._columns))
     reader.start()
     try:
       for b in todo:
@@ -317,15 +337,17 @@ class Engine:
                   'pairs_per_second': scored * len(query_ids) * len(db_ids) / max(seconds, 1e-9)}
     return (sums / counts[None, :]).astype(np.float32)
 
-  def _add_block(self, chunks, its, feats, lens, sums, counts) -> None:
+  def _add_block(self, chunks, its, feats, frames, columns, lens, sums, counts) -> None:
     """Scores one block against every query chunk and adds it to the float64 sums (always in plan order)."""
     t = jax.device_put(feats, self._target_sharding)
+    frames = jax.device_put(frames, self._len_sharding)
+    cols = jax.device_put(columns, self._column_sharding)
     tl = jax.device_put(lens, self._len_sharding)
-    n, length = feats.shape[:2]
+    n, length = len(lens), columns.shape[2]
     results = []
     for ch in chunks:
-      key = ('f2f', ch.flat.shape, n, length)
-      f2f = self._compiler.get(key)(self.params, ch.flat, t, tl)
+      key = ('f2f', ch.flat.shape, n, length, feats.shape[1])
+      f2f = self._compiler.get(key)(self.params, ch.flat, t, frames, cols)
       start = 0
       for gather, q_len, used in ch.groups:
         res = self._compiler.get(key + gather.shape)(self.params, f2f, gather, q_len, tl)

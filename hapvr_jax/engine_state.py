@@ -152,23 +152,45 @@ def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
   return buf[start:start + size].view(dtype).reshape(shape)
 
 
-def read_blocks(ff, db_ids, blocks, out: queue.Queue, stop: threading.Event):
-  """The reader thread: each block's padded features [n, length, R, D] and lengths, a few blocks ahead."""
+def block_layout(its, n: int, length: int, shards: int, cols: int):
+  """Where the targets of a block go: (shard, first column) of each, frames end to end within a shard, the
+  shard of target j being j // (n / shards); and the [shards, n / shards, length] column of each of their
+  frames (`cols`, past the end, for padding: the engine's f2f gives it a zero column)."""
+  per = n // shards
+  gather = np.full((shards, per, length), cols, np.int32)
+  frames = np.zeros(shards, np.int32)
+  place = []
+  for j, (_, s, e) in enumerate(its):
+    k = j // per
+    place.append((k, int(frames[k])))
+    gather[k, j % per, :e - s] = np.arange(frames[k], frames[k] + e - s)
+    frames[k] += e - s
+  if frames.max(initial=0) > cols:
+    raise ValueError(f'internal error: a shard of {frames.max()} target frames exceeds its {cols} columns')
+  return place, gather, frames
+
+
+def read_blocks(ff, db_ids, blocks, out: queue.Queue, stop: threading.Event, shards: int = 1, cols=None):
+  """The reader thread, a few blocks ahead: each block's targets laid end to end per shard, [shards, C, R, D]
+  with C = cols(length, n), with their frame counts, column indices (block_layout) and lengths."""
   try:
     cache_id, cache = None, None
     for length, its, n in blocks:
+      c = cols(length, n)
+      place, gather, frames = block_layout(its, n, length, shards, c)
       feats, lens = None, np.zeros(n, np.int32)
       for j, (v, s, e) in enumerate(its):
         if cache_id != v:
           cache_id, cache = v, ff.read(db_ids[v])
         if feats is None:
-          feats = aligned_zeros((n, length) + cache.shape[1:], np.float32)
-        feats[j, :e - s] = cache[s:e]
+          feats = aligned_zeros((shards, c) + cache.shape[1:], np.float32)
+        k, start = place[j]
+        feats[k, start:start + e - s] = cache[s:e]
         lens[j] = e - s
-      lens[len(its):] = length   # padding targets: zero features, discarded afterwards
+      lens[len(its):] = length   # padding targets: zero columns, discarded afterwards
       while not stop.is_set():
         try:
-          out.put((its, feats, lens), timeout=0.5)
+          out.put((its, feats, frames, gather, lens), timeout=0.5)
           break
         except queue.Full:
           continue

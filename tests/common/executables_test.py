@@ -1,6 +1,7 @@
 """common_jax.executables: a warm lookup returns the stored executable without tracing; keys separate what
 changes the program; bad entries are replaced."""
 import os
+import uuid
 
 import numpy as np
 import jax
@@ -10,10 +11,13 @@ import pytest
 from common_jax import executables, mesh as mesh_lib
 
 
+_SALT = float(uuid.uuid4().int % 2**20)   # a program of this run only: never found in JAX's own persistent cache
+
+
 def _traced_fn(counter):
   def f(w, x):
     counter.append(1)   # runs only while tracing
-    return jnp.tanh(x @ w['a']) * w['b']
+    return jnp.tanh(x @ w['a']) * w['b'] + 0.0 * _SALT
   return jax.jit(f)
 
 
