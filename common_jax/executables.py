@@ -99,9 +99,6 @@ def _store(path: str, compiled) -> None:
 
 
 _local = threading.local()
-_NONCE = {'xla_embed_ir_in_executable': False}   # XLA's default: the same program under a key of its own
-
-
 _EVENTS = {'/jax/compilation_cache/compile_requests_use_cache': 'asked', '/jax/compilation_cache/cache_hits': 'hits'}
 
 
@@ -110,25 +107,38 @@ def _count(event: str, **_) -> None:
     setattr(_local, _EVENTS[event], getattr(_local, _EVENTS[event], 0) + 1)
 
 
+def _install() -> bool:
+  """Once: the cache-event counter, and a bypass of JAX's persistent cache for the thread that compiles an
+  entry (JAX asks compilation_cache.is_cache_used before it reads or writes that cache). False where this
+  JAX has no such hook: entries are then stored only when JAX reports no use of its cache."""
+  from jax._src import compilation_cache as jax_cache
+  if getattr(jax_cache.is_cache_used, 'bypass_hook', False):
+    return True
+  jax.monitoring.register_event_listener(_count)
+  if not callable(getattr(jax_cache, 'is_cache_used', None)):
+    return False
+  used = jax_cache.is_cache_used
+
+  def is_cache_used(backend):
+    return False if getattr(_local, 'bypass', False) else used(backend)
+  is_cache_used.bypass_hook = True
+  jax_cache.is_cache_used = is_cache_used
+  return True
+
+
 def _compile(fn, args):
-  """(executable, whether it was compiled here and now). An executable JAX loaded from its persistent cache
-  serializes without its compiled functions on XLA:CPU (the reloaded copy fails with 'Function ... not
-  found'), so this compiles with an explicit default option, which gives the program a JAX cache key of its
-  own that only this module uses (JAX's cache then holds it only if an entry here was lost), and reports as
-  fresh only a compilation that asked JAX's cache and missed, or ran with no such cache (not one JAX found
-  in its cache or in memory)."""
-  global _listening
-  if not _listening:
-    jax.monitoring.register_event_listener(_count)
-    _listening = True
-  asked, hits = getattr(_local, 'asked', 0), getattr(_local, 'hits', 0)
-  out = fn.lower(*args).compile(compiler_options=_NONCE)
-  if not jax.config.jax_compilation_cache_dir:
-    return out, True
-  return out, getattr(_local, 'asked', 0) > asked and getattr(_local, 'hits', 0) == hits
-
-
-_listening = False
+  """(executable, whether it may be stored). An executable JAX loaded from its own persistent cache serializes
+  without its compiled functions on XLA:CPU (the reloaded copy fails with 'Function ... not found'), so
+  entries are compiled with that cache bypassed in this thread, and one that JAX still reports taking from
+  its cache is not stored."""
+  _install()
+  hits = getattr(_local, 'hits', 0)
+  _local.bypass = True
+  try:
+    out = fn.lower(*args).compile()
+  finally:
+    _local.bypass = False
+  return out, getattr(_local, 'hits', 0) == hits
 
 
 def compiled(fn, args: tuple, name: str, fingerprint: str, folder: Optional[str] = None):

@@ -135,6 +135,7 @@ class Engine:
       return call(p, sim_lib.hardtanh(c), rows, cols, method=SimilarityNetwork.video_to_video)
 
     self._f2f = jax.jit(f2f, out_shardings=self._f2f_sharding)
+    self._f2f_out = None
     self._group = jax.jit(group, out_shardings=self._out_sharding)
     # a change to the traced code or to a configuration changes every executable's key
     self._compiler = Compiler(executables.source_fingerprint(TRACED_MODULES) +
@@ -185,7 +186,11 @@ class Engine:
                          len(sub)))
           rows += [part[k] for k in sub]
       x = jax.device_put(flat[None], self._replicated)
-      flat_indexed = self._index(self.params, x, jnp.asarray([offsets[-1]], jnp.int32))[0]
+      n_frames = jax.device_put(np.array([offsets[-1]], np.int32), self._replicated)
+      key = ('index', x.shape)
+      if key not in self._compiler:
+        self._compiler.submit(key, self._index, self.params, x, n_frames)
+      flat_indexed = self._compiler.get(key)(self.params, x, n_frames)[0]
       flat_indexed = jax.device_put(flat_indexed, self._replicated)   # the sharding its scorers expect
       out.append(_QueryChunk(np.array(rows), flat_indexed, groups, int(offsets[-1])))
     return out
@@ -246,9 +251,16 @@ class Engine:
         f2f = None
         for gather, q_len, _ in ch.groups:
           if key + gather.shape not in self._compiler:
-            f2f = f2f or struct(jax.eval_shape(self._f2f, *args), self._f2f_sharding)
+            f2f = f2f or struct(jax.ShapeDtypeStruct((n, ch.flat.shape[0], length), self._f2f_dtype(*args)),
+                                self._f2f_sharding)
             self._compiler.submit(key + gather.shape, self._group, self.params, f2f, struct(gather),
                                   struct(q_len), tl)
+
+  def _f2f_dtype(self, *args):
+    """The dtype of the f2f maps, traced once (tracing per shape costs a warm run more than its loads)."""
+    if self._f2f_out is None:
+      self._f2f_out = jax.eval_shape(self._f2f, *args).dtype
+    return self._f2f_out
 
   def score(self, ff: FeatureFile, query_ids: Sequence[str], db_ids: Sequence[str], progress: bool = True, *,
             state_dir: Optional[str] = None, save_every_s: float = 60.0, stop: Optional[Callable[[], bool]] = None,
