@@ -50,8 +50,9 @@ def load_model(config):
   return model_config, params
 
 
-def evaluate(config, workdir: str) -> dict:
-  """Scores, metrics and outputs. Raises engine_state.Stopped (partial results kept) on SIGTERM/SIGINT."""
+def evaluate(config, workdir: str, plotter=None) -> dict:
+  """Scores, metrics and outputs. Raises engine_state.Stopped (partial results kept) on SIGTERM/SIGINT.
+  plotter: a common_jax.plot_worker.Worker that draws the PR curves (default: drawn in this process)."""
   import jax
   from common_jax import distributed, mesh as mesh_lib, preemption
   from hapvr_jax import engine as engine_lib, engine_state, features as features_lib
@@ -115,7 +116,11 @@ def evaluate(config, workdir: str) -> dict:
     if config.plots:
       curves = bench.pr_curves(scores, queries, database) if hasattr(bench, 'pr_curves') else None
       if curves:
-        datasets.plot_pr_curves(curves, os.path.join(workdir, 'pr_curves.png'))
+        path = os.path.join(workdir, 'pr_curves.png')
+        if plotter is not None:
+          plotter.draw('hapvr_jax.datasets:plot_pr_curves', curves, path)
+        else:
+          datasets.plot_pr_curves(curves, path)
     io_util.write_json(os.path.join(workdir, 'metrics.json'), metrics)
   distributed.barrier('hapvr evaluation outputs written')   # no partial is dropped before the outputs exist
   shutil.rmtree(state_dir, ignore_errors=True)
@@ -125,13 +130,20 @@ def evaluate(config, workdir: str) -> dict:
 def run(config, workdir) -> int:
   """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
   t0 = time.time()
+  from common_jax import plot_worker
+  # matplotlib is imported by a child while this process imports JAX and scores (half a second of a small run)
+  plotter = plot_worker.start() if config.get('plots', True) else None
   from hapvr_jax import engine_state
-  with cli.evaluation(config, workdir, 'configs/fivr_5k.py:demo', OUTPUTS, validate.evaluation):
-    try:
-      metrics = evaluate(config, workdir)
-    except engine_state.Stopped as e:
-      print(f'{e}; rerun the same command to resume', flush=True)
-      return 0
+  try:
+    with cli.evaluation(config, workdir, 'configs/fivr_5k.py:demo', OUTPUTS, validate.evaluation):
+      try:
+        metrics = evaluate(config, workdir, plotter)
+      except engine_state.Stopped as e:
+        print(f'{e}; rerun the same command to resume', flush=True)
+        return 0
+  finally:
+    if plotter is not None:
+      plotter.close()
   import jax
   if jax.process_index() != 0:
     return 0
