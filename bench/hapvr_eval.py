@@ -96,7 +96,13 @@ def main():
   p.add_argument('--project_features', default='', help='FIVR-200K projection on the real lengths of this '
                  'DnS-format HDF5 (shapes only); default: modelled lengths (bench/padding.py)')
   p.add_argument('--project_queries', type=int, default=100)
+  p.add_argument('--host_memory', default='reuse', choices=('reuse', 'default'),
+                 help="'reuse': malloc keeps freed memory, as evaluate and search set it (common_jax.host_memory); "
+                 "'default': glibc's own settings")
   a = p.parse_args()
+  if a.host_memory == 'reuse':   # before JAX allocates anything
+    from common_jax import host_memory
+    host_memory.reuse_freed_memory()
 
   import jax
   import torch

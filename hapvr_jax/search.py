@@ -276,6 +276,8 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def run(args) -> dict:
+  from common_jax import host_memory
+  host_memory.reuse_freed_memory()   # before JAX allocates: the engine's temporaries reuse pages
   import jax
   from common_jax import checkpoint
   from common_jax import mesh as mesh_lib
