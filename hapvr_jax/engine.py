@@ -134,9 +134,12 @@ class Engine:
       c, rows, cols = call(p, m, q_len, t_len, method=SimilarityNetwork.compare)
       return call(p, sim_lib.hardtanh(c), rows, cols, method=SimilarityNetwork.video_to_video)
 
-    self._f2f = jax.jit(f2f, out_shardings=self._f2f_sharding)
-    self._f2f_out = None
-    self._group = jax.jit(group, out_shardings=self._out_sharding)
+    def block(p, flat, t, frames, columns, t_len, groups):   # [scores [n, B] of each comparator group]
+      m = jax.lax.with_sharding_constraint(f2f(p, flat, t, frames, columns), self._f2f_sharding)
+      return [group(p, m, gather, q_len, t_len) for gather, q_len in groups]
+
+    # one executable per (query chunk, block shape): a warm run loads, and a cold one compiles, a few
+    self._block = jax.jit(block, out_shardings=self._out_sharding)
     # a change to the traced code or to a configuration changes every executable's key
     self._compiler = Compiler(executables.source_fingerprint(TRACED_MODULES) +
                               repr((model_config, config, flax.__version__)))
@@ -244,23 +247,14 @@ class Engine:
       columns = struct(jax.ShapeDtypeStruct((s, n // s, length), np.int32), self._column_sharding)
       tl = struct(jax.ShapeDtypeStruct((n,), np.int32), self._len_sharding)
       for ch in chunks:
-        key = ('f2f', ch.flat.shape, n, length, t.shape[1])
-        args = (self.params, struct(ch.flat), t, frames, columns)
+        key = self._block_key(ch, n, length, t.shape[1])
         if key not in self._compiler:
-          self._compiler.submit(key, self._f2f, *args)
-        f2f = None
-        for gather, q_len, _ in ch.groups:
-          if key + gather.shape not in self._compiler:
-            f2f = f2f or struct(jax.ShapeDtypeStruct((n, ch.flat.shape[0], length), self._f2f_dtype(*args)),
-                                self._f2f_sharding)
-            self._compiler.submit(key + gather.shape, self._group, self.params, f2f, struct(gather),
-                                  struct(q_len), tl)
+          groups = tuple((struct(gather), struct(q_len)) for gather, q_len, _ in ch.groups)
+          self._compiler.submit(key, self._block, self.params, struct(ch.flat), t, frames, columns, tl, groups)
 
-  def _f2f_dtype(self, *args):
-    """The dtype of the f2f maps, traced once (tracing per shape costs a warm run more than its loads)."""
-    if self._f2f_out is None:
-      self._f2f_out = jax.eval_shape(self._f2f, *args).dtype
-    return self._f2f_out
+  @staticmethod
+  def _block_key(ch, n: int, length: int, cols: int) -> tuple:
+    return ('block', ch.flat.shape, n, length, cols) + tuple(gather.shape for gather, _, _ in ch.groups)
 
   def score(self, ff: FeatureFile, query_ids: Sequence[str], db_ids: Sequence[str], progress: bool = True, *,
             state_dir: Optional[str] = None, save_every_s: float = 60.0, stop: Optional[Callable[[], bool]] = None,
@@ -358,11 +352,10 @@ class Engine:
     n, length = len(lens), columns.shape[2]
     results = []
     for ch in chunks:
-      key = ('f2f', ch.flat.shape, n, length, feats.shape[1])
-      f2f = self._compiler.get(key)(self.params, ch.flat, t, frames, cols)
+      run = self._compiler.get(self._block_key(ch, n, length, feats.shape[1]))
+      outs = run(self.params, ch.flat, t, frames, cols, tl, tuple((g, q) for g, q, _ in ch.groups))
       start = 0
-      for gather, q_len, used in ch.groups:
-        res = self._compiler.get(key + gather.shape)(self.params, f2f, gather, q_len, tl)
+      for (_, _, used), res in zip(ch.groups, outs):
         results.append((ch.rows[start:start + used], res, used))
         start += used
     video = np.array([v for v, _, _ in its])
