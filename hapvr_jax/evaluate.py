@@ -130,8 +130,9 @@ def evaluate(config, workdir: str, plotter=None) -> dict:
 def run(config, workdir) -> int:
   """Checks the config values and the workdir, then evaluates; bad input: one error line, exit code 2."""
   t0 = time.time()
-  from common_jax import host_memory, plot_worker
+  from common_jax import host_memory, plot_worker, xla_cpu
   host_memory.reuse_freed_memory()   # before JAX allocates: the engine's temporaries reuse pages
+  xla_cpu.configure('hapvr_engine')   # before JAX starts: XLA reads its options once
   # matplotlib is imported by a child while this process imports JAX and scores (half a second of a small run)
   plotter = plot_worker.start() if config.get('plots', True) else None
   from hapvr_jax import engine_state

@@ -276,8 +276,10 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def run(args) -> dict:
-  from common_jax import host_memory
+  from common_jax import host_memory, xla_cpu
   host_memory.reuse_freed_memory()   # before JAX allocates: the engine's temporaries reuse pages
+  # before JAX starts; with video queries the backbone runs too, and two models with different sets get XLA's own
+  xla_cpu.configure('hapvr_engine', *(('resnet50_irmac',) if args.query or args.queries else ()))
   import jax
   from common_jax import checkpoint
   from common_jax import mesh as mesh_lib
