@@ -99,31 +99,29 @@ def _store(path: str, compiled) -> None:
 
 
 _local = threading.local()
-_EVENTS = {'/jax/compilation_cache/compile_requests_use_cache': 'asked', '/jax/compilation_cache/cache_hits': 'hits'}
+_install_lock = threading.Lock()
+_installed = False
 
 
-def _count(event: str, **_) -> None:
-  if event in _EVENTS:   # per thread: the engine compiles in a thread of its own
-    setattr(_local, _EVENTS[event], getattr(_local, _EVENTS[event], 0) + 1)
+def _count_hit(event: str, **_) -> None:
+  if event == '/jax/compilation_cache/cache_hits':   # per thread: the engine compiles in a thread of its own
+    _local.hits = getattr(_local, 'hits', 0) + 1
 
 
-def _install() -> bool:
-  """Once: the cache-event counter, and a bypass of JAX's persistent cache for the thread that compiles an
-  entry (JAX asks compilation_cache.is_cache_used before it reads or writes that cache). False where this
-  JAX has no such hook: entries are then stored only when JAX reports no use of its cache."""
-  from jax._src import compilation_cache as jax_cache
-  if getattr(jax_cache.is_cache_used, 'bypass_hook', False):
-    return True
-  jax.monitoring.register_event_listener(_count)
-  if not callable(getattr(jax_cache, 'is_cache_used', None)):
-    return False
-  used = jax_cache.is_cache_used
-
-  def is_cache_used(backend):
-    return False if getattr(_local, 'bypass', False) else used(backend)
-  is_cache_used.bypass_hook = True
-  jax_cache.is_cache_used = is_cache_used
-  return True
+def _install() -> None:
+  """Once per process: the cache-hit counter, and a bypass of JAX's persistent cache for the thread that
+  compiles an entry (JAX asks compilation_cache.is_cache_used before it reads or writes that cache). Where
+  this JAX has no such hook, entries are stored only when JAX reports no hit."""
+  global _installed
+  with _install_lock:
+    if _installed:
+      return
+    _installed = True
+    jax.monitoring.register_event_listener(_count_hit)
+    from jax._src import compilation_cache as jax_cache
+    used = getattr(jax_cache, 'is_cache_used', None)
+    if callable(used):
+      jax_cache.is_cache_used = lambda backend: False if getattr(_local, 'bypass', False) else used(backend)
 
 
 def _compile(fn, args):

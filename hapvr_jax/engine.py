@@ -7,11 +7,13 @@ The original scores one (query, target, 2048-frame chunk) at a time in a Python 
   the devices; for the comparator, queries of similar length are gathered into padded groups;
 * database videos are cut into the original's 2048-frame chunks (a final chunk of 1-3 frames, which crashes
   the original, is folded into the chunk before it), each chunk is assigned to a length bucket, and a bucket's
-  chunks are scored in blocks of B targets: per block, one jitted call indexes the targets and computes the
-  f2f maps of all query frames, then one call per comparator group runs the comparator and the temporal
-  reduction for its queries x B targets, with the block sharded over the mesh's data axis;
+  chunks are scored in blocks of B targets, sharded over the mesh's data axis: one jitted call per (query
+  chunk, block) indexes the targets, computes the f2f maps of all query frames against the block's target
+  frames laid end to end (no FLOPs on padding frames), gathers them into padded maps, and runs the comparator
+  and the temporal reduction of every comparator group;
 * compiled shapes come from a few ladders (hapvr_jax.engine_shapes), never from the number of queries or
-  their ids; small workloads merge their length buckets; the next shapes compile while a block is scored;
+  their ids; small workloads merge their length buckets; the next shapes compile while a block is scored, and
+  a warm run loads them without tracing (common_jax.executables);
 * padding is exact: prefix lengths mask the f2f map, the pooled comparator maps and the per-pair top-k
   (hapvr_jax.model), so a padded pair scores exactly as the unpadded pair does;
 * features are streamed from the HDF5 file by a reader thread a few blocks ahead: memory stays bounded by
@@ -105,8 +107,8 @@ class Engine:
     self._replicated = mesh_lib.replicated(mesh)
     self._target_sharding = mesh_lib.batch_sharding(mesh, 0, 4)
     self._len_sharding = mesh_lib.batch_sharding(mesh, 0, 1)
-    self._column_sharding = mesh_lib.batch_sharding(mesh, 0, 3)
-    self._f2f_sharding = mesh_lib.batch_sharding(mesh, 0, 3)
+    # rank-3 arrays split on their first axis: the column indices [S, B / S, Lt] and the f2f maps [B, rows, Lt]
+    self._column_sharding = self._f2f_sharding = mesh_lib.batch_sharding(mesh, 0, 3)
     self._out_sharding = NamedSharding(mesh, P(None, *self._len_sharding.spec))
     net, apply_visil = self.net, not config.features_only
     call = lambda p, *a, method: net.apply({'params': p}, *a, method=method)

@@ -3,8 +3,7 @@
 Every jitted call of hapvr_jax.engine has shapes taken from a few ladders, never from the number of queries,
 their ids or the database size: padded lengths grow geometrically (bucket_lengths), targets per block and
 queries per comparator group come from a short ladder of sizes (block_size). So a new query set, or a search
-with another query, mostly reuses compilations (and the persistent compilation cache reuses them across
-processes). On small workloads a compilation costs more than the work it serves, so merge_buckets pads the
+with another query, mostly reuses compilations (and common_jax.executables keeps them across processes). On small workloads a compilation costs more than the work it serves, so merge_buckets pads the
 targets of a small length bucket to the next one when that extra work is smaller than `merge_cells`.
 
 `Compiler` compiles the engine's calls in a background thread in the order the blocks will need them, so the

@@ -170,7 +170,7 @@ def block_layout(its, n: int, length: int, shards: int, cols: int):
   return place, gather, frames
 
 
-def read_blocks(ff, db_ids, blocks, out: queue.Queue, stop: threading.Event, shards: int = 1, cols=None):
+def read_blocks(ff, db_ids, blocks, out: queue.Queue, stop: threading.Event, shards: int, cols):
   """The reader thread, a few blocks ahead: each block's targets laid end to end per shard, [shards, C, R, D]
   with C = cols(length, n), with their frame counts, column indices (block_layout) and lengths."""
   try:
