@@ -16,7 +16,6 @@ Validity is given as prefix lengths (`q_len`, `t_len`); padded inputs give exact
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -67,59 +66,6 @@ def max_pool_2x2(x):
   return x[:, :2 * h2, :2 * w2].reshape(p, h2, 2, w2, 2, c).max(axis=(2, 4))
 
 
-def _conv_relu_pool_layers(x, kernel, bias, precision=lax.Precision.HIGHEST):
-  """The comparator's first layer as the original computes it: conv 3x3 (zero padding 1), ReLU, 2x2 pooling."""
-  y = lax.conv_general_dilated(x[..., None], kernel, (1, 1), ((1, 1), (1, 1)),
-                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
-  return max_pool_2x2(nn.relu(y + bias))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def conv_relu_pool_1ch(x, kernel, bias, precision=lax.Precision.HIGHEST):
-  """relu(conv3x3(x, pad 1) + bias) then 2x2/2 max pooling, for a single-channel map x [P, H, W]; kernel
-  [3, 3, 1, C]. Returns [P, H//2, W//2, C], the values of the unfused layers up to float32 rounding.
-
-  With one input channel the convolution is a 9-deep product that XLA runs as a poor GEMM, and it writes a
-  full-resolution C-channel map of which pooling keeps a quarter. Here each pooled cell is the max of its four
-  conv outputs (ReLU and the bias commute with the max), each a 9-term sum over 16 stride-2 views of the
-  padded input, so the layer becomes one elementwise loop that writes only the pooled map (4-16x faster on
-  XLA:CPU at the comparator's map sizes). Its gradient, whose strided views would scatter, is the unfused
-  layers' (training runs the layers as they are, at `precision`)."""
-  h2, w2 = x.shape[1] // 2, x.shape[2] // 2
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1)))
-  view = {(r, c): xp[:, r:r + 2 * h2:2, c:c + 2 * w2:2, None] for r in range(4) for c in range(4)}
-  best = None
-  for a in range(2):          # the four conv outputs under one pooling window
-    for b in range(2):
-      acc = sum(view[a + dy, b + dx] * kernel[dy, dx, 0] for dy in range(3) for dx in range(3))
-      best = acc if best is None else jnp.maximum(best, acc)
-  out = nn.relu(best + bias)
-  # A no-op rounding: an op XLA:CPU's library fusion does not take, so it cannot absorb this loop into the next
-  # conv's fusion, where the loop would be split into one materialised array per term (3x slower in all).
-  info = jnp.finfo(out.dtype)
-  return lax.reduce_precision(out, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
-def _conv_relu_pool_fwd(x, kernel, bias, precision):
-  return jax.vjp(functools.partial(_conv_relu_pool_layers, precision=precision), x, kernel, bias)
-
-
-conv_relu_pool_1ch.defvjp(_conv_relu_pool_fwd, lambda precision, vjp, g: vjp(g))
-
-
-class _Conv1ReluPool(nn.Module):
-  """The comparator's first conv (its parameters as nn.Conv names them) fused with its ReLU and pooling."""
-  features: int
-  dtype: Any = jnp.float32
-  precision: Any = lax.Precision.HIGHEST
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', nn.initializers.xavier_uniform(), (3, 3, 1, self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    return conv_relu_pool_1ch(x, kernel.astype(self.dtype), bias.astype(self.dtype), self.precision)
-
-
 class VideoComparator(nn.Module):
   """The small CNN over a frame-to-frame similarity map, with masks carried through pooling."""
   dtype: Any = jnp.float32
@@ -131,19 +77,16 @@ class VideoComparator(nn.Module):
     conv = lambda name, features, k: nn.Conv(
         features, (k, k), padding=1 if k == 3 else 0, dtype=self.dtype, precision=self.precision,
         kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros, name=name)
-    x = sim.astype(self.dtype)
+    x = sim[..., None].astype(self.dtype)
     mask = _valid_mask(x.shape[1], x.shape[2], row_len, col_len)
-    x = jnp.where(mask[..., 0], x, 0)
+    x = jnp.where(mask, x, 0)
     # Exactness with padding needs zeros wherever a *valid* output reads outside the valid area: a pooled
     # cell < floor(valid/2) reads only valid cells, so masking after each pool (and at the end) suffices; no
     # mask is needed on the full-resolution conv outputs (which would cost several extra memory passes).
     for name, features, pool in (('conv1', 32, True), ('conv2', 64, True), ('conv3', 128, False)):
-      if name == 'conv1':
-        x = _Conv1ReluPool(features, dtype=self.dtype, precision=self.precision, name=name)(x)
-      else:
-        x = nn.relu(conv(name, features, 3)(x))
-        x = max_pool_2x2(x) if pool else x
+      x = nn.relu(conv(name, features, 3)(x))
       if pool:
+        x = max_pool_2x2(x)
         row_len, col_len = row_len // 2, col_len // 2   # pooled validity: index < floor(valid / 2)
         mask = _valid_mask(x.shape[1], x.shape[2], row_len, col_len)
         x = x * mask.astype(x.dtype)

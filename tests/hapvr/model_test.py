@@ -233,22 +233,6 @@ def test_frame_to_frame_in_target_tiles(kind, rate, monkeypatch):
   assert_close(f'tiled f2f {kind}', got, np_f2f(q, t, kind, rate, False))
 
 
-@pytest.mark.parametrize('shape', [(3, 8, 6), (2, 7, 5), (2, 1, 4), (1, 3, 3)])
-def test_conv_relu_pool_1ch(shape):
-  """The comparator's fused first layer equals conv 3x3 (zero padding 1) + bias, ReLU and 2x2/2 max pooling
-  (odd trailing rows/columns dropped), written out in NumPy float64, to float32 rounding (1e-5)."""
-  from hapvr_jax.model import conv_relu_pool_1ch
-  rng = np.random.default_rng(zlib.crc32(repr(shape).encode()))
-  x, k, b = rng.normal(size=shape), rng.normal(size=(3, 3, 1, 32)), rng.normal(size=32)
-  p, h, w = shape
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
-  conv = sum(xp[:, dy:dy + h, dx:dx + w, None] * k[dy, dx, 0] for dy in range(3) for dx in range(3)) + b
-  r = np.maximum(conv, 0)[:, :h // 2 * 2, :w // 2 * 2]
-  want = r.reshape(p, h // 2, 2, w // 2, 2, 32).max(axis=(2, 4))
-  got = jax.jit(conv_relu_pool_1ch)(*(jnp.asarray(a, jnp.float32) for a in (x, k, b)))
-  assert_close(f'conv_relu_pool_1ch {shape}', got, want)
-
-
 def test_symmetric_topk_uses_configured_rate():
   """Documented deviation (docs/deviations.md): the original's symmetric TopK-Chamfer silently uses 0.3; the port
   uses the configured rate. With R = 9 and rate 0.1 the port takes k = 1, the original k = 3."""
