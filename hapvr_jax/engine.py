@@ -34,58 +34,18 @@ import numpy as np
 import flax
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from common_jax import executables, faults, mesh as mesh_lib
 from hapvr_jax import engine_state as state_lib
-from hapvr_jax.engine_shapes import (Compiler, block_size, bucket_lengths, bucket_of, ladder, merge_buckets,  # noqa: F401
+from hapvr_jax.engine_shapes import (PRECISIONS, Compiler, EngineConfig, block_size, bucket_lengths,  # noqa: F401
+                                     bucket_of, ladder, layout_queries, merge_buckets, plan_blocks,
                                      split_chunks, struct)
 from hapvr_jax import similarity as sim_lib
 from hapvr_jax.features import FeatureFile
 from hapvr_jax.model import ModelConfig, SimilarityNetwork
 
 TRACED_MODULES = ('hapvr_jax.engine', 'hapvr_jax.model', 'hapvr_jax.similarity', 'common_jax.mesh')
-PRECISIONS = {'highest': lax.Precision.HIGHEST, 'default': lax.Precision.DEFAULT}
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  chunk_size: int = 2048          # targets longer than this are scored in chunks and averaged (0: never)
-  fold_short_tail: bool = True    # a final chunk of < 4 frames joins the previous chunk (the original crashes)
-  bucket_ratio: float = 1.25      # consecutive padded lengths grow by at most this factor
-  min_bucket: int = 8
-  query_block: int = 16           # queries per comparator group (queries of similar padded length)
-  query_bucket_ratio: float = 1.5  # padded query lengths of the comparator groups (coarser: fewer groups to
-                                   # compile; only the CNN, the smaller share of the time, sees query padding)
-  max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
-  query_rows_ratio: float = 1.05  # query frames per call are padded to this geometric ladder (compiled
-                                  # shapes then do not follow the number of queries)
-  merge_cells: float = 2**17      # a length bucket whose padding to the next costs fewer (query frame,
-                                  # target frame) cells joins it: a fraction of one bucket's compilations on
-                                  # a CPU, so that runs with a warm compilation cache lose little to padding
-  max_block_targets: int = 256    # targets per jitted call, at most
-  memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block
-  precision: str = 'highest'      # matmul/conv precision: 'highest' (float32 parity) or 'default' (TF32/bf16
-                                  # passes on GPUs and TPUs)
-  dtype: str = 'float32'          # compute dtype of the network: 'float32' or 'bfloat16' (accuracy cost:
-                                  # bench/hapvr_eval.py --dtype=bfloat16; docs/performance.md)
-  features_only: bool = False     # the original's features_only mode: no comparator CNN
-  indexed_targets: bool = False   # the database features arrive already through the network's index_video
-                                  # in float32 (a search index's cached attention): not indexed again
-  prefetch_blocks: int = 2
-
-  def __post_init__(self):
-    if self.dtype not in ('float32', 'bfloat16'):
-      raise ValueError(f'engine.dtype={self.dtype!r}; expected float32 or bfloat16')
-    if self.precision not in PRECISIONS:
-      raise ValueError(f'engine.precision={self.precision!r}; expected one of {sorted(PRECISIONS)}')
-    if min(self.bucket_ratio, self.query_bucket_ratio, self.query_rows_ratio) <= 1.0:
-      raise ValueError(f'engine.bucket_ratio={self.bucket_ratio}, engine.query_bucket_ratio='
-                       f'{self.query_bucket_ratio} and engine.query_rows_ratio={self.query_rows_ratio} '
-                       'must be > 1')
-
-
 @dataclasses.dataclass
 class _QueryChunk:
   rows: np.ndarray      # positions in the query list of this chunk's output rows
@@ -155,41 +115,15 @@ class Engine:
   def index_queries(self, videos: Sequence[np.ndarray]) -> list:
     """Lays the queries out in chunks (frames end to end, padded to the rows ladder), indexes them once and
     forms the comparator groups (queries of one padded length, a ladder size of them)."""
-    c = self.config
     lens = np.array([len(v) for v in videos])
-    order = np.argsort(lens, kind='stable')
-    buckets = bucket_lengths(int(lens.max()), c.query_bucket_ratio, c.min_bucket)
-    chunks, part, rows_in_part = [], [], 0
-    for i in order:   # consecutive runs of the length-sorted queries, at most max_query_rows frames each
-      if part and rows_in_part + lens[i] > c.max_query_rows:
-        chunks.append(part)
-        part, rows_in_part = [], 0
-      part.append(i)
-      rows_in_part += lens[i]
-    chunks.append(part)
     out = []
-    for part in chunks:
-      offsets = np.concatenate([[0], np.cumsum(lens[part])])
-      n_rows = bucket_of(int(offsets[-1]), bucket_lengths(int(offsets[-1]), c.query_rows_ratio))
+    for part, offsets, n_rows, groups_np, rows in layout_queries(lens, self.config):
       r, d = videos[part[0]].shape[1:]
       flat = np.zeros((n_rows + 1, r, d), np.float32)   # the last row stays zero: gathered for padding
       for k, i in enumerate(part):
         flat[offsets[k]:offsets[k + 1]] = videos[i]
-      groups, by_bucket, rows = [], {}, []
-      for k, i in enumerate(part):
-        by_bucket.setdefault(bucket_of(int(lens[i]), buckets), []).append(k)
-      for length, ks in sorted(by_bucket.items()):
-        for s in range(0, len(ks), c.query_block):
-          sub = ks[s:s + c.query_block]
-          n = ladder(len(sub))[-1]   # the smallest ladder size holding the group
-          gather = np.full((n, length), n_rows, np.int32)     # the zero row by default
-          q_len = np.full(n, length, np.int32)                # padding queries: discarded rows
-          for g, k in enumerate(sub):
-            gather[g, :lens[part[k]]] = np.arange(offsets[k], offsets[k + 1])
-            q_len[g] = lens[part[k]]
-          groups.append((jax.device_put(gather, self._replicated), jax.device_put(q_len, self._replicated),
-                         len(sub)))
-          rows += [part[k] for k in sub]
+      groups = [(jax.device_put(gather, self._replicated), jax.device_put(q_len, self._replicated), used)
+                for gather, q_len, used in groups_np]
       x = jax.device_put(flat[None], self._replicated)
       n_frames = jax.device_put(np.array([offsets[-1]], np.int32), self._replicated)
       key = ('index', x.shape)
@@ -203,37 +137,9 @@ class Engine:
   # -------------------------------------------------------------------------------------------- database
   def plan(self, lengths: np.ndarray, chunks: list) -> list:
     """Blocks of (bucket length, [(video index, start, stop)], block size) covering every target chunk."""
-    c = self.config
-    items = [(v, s, e) for v, n in enumerate(lengths) for s, e in split_chunks(int(n), c.chunk_size,
-                                                                                c.fold_short_tail)]
-    if not items:
-      return []
-    buckets = bucket_lengths(max(e - s for _, s, e in items), c.bucket_ratio, c.min_bucket)
-    by_bucket = {}
-    for item in items:
-      by_bucket.setdefault(bucket_of(item[2] - item[1], buckets), []).append(item)
-    q_rows = max(int(ch.flat.shape[0]) for ch in chunks)
-    r, d = chunks[0].flat.shape[1:]
-    # A padded target frame costs its f2f cells and its indexing (the attention's [D, D] product on each of
-    # its R regions: about D / R cells' worth) unless the targets arrive indexed.
-    indexing = 0 if c.indexed_targets else d / r
-    by_bucket = merge_buckets(by_bucket, sum(ch.frames for ch in chunks) + indexing, c.merge_cells)
-    live_regions = r * r if sim_lib.query_slices(q_rows, r) == 1 else r
-    blocks, self._cols = [], {}
-    for length, its in sorted(by_bucket.items()):
-      # Live memory per target: the region products of a slice of query frames (all regions of the
-      # query frames at once for short query sets: sim_lib.query_slices), the comparator's activations (32
-      # channels at full resolution, more at lower ones; padded query rows included with a 2x margin) and
-      # the target's own features.
-      per_target = 4 * (q_rows * length * (live_regions + 2 + 2 * 32) + 3 * length * r * d)
-      cap = min(max(1, int(c.memory_budget_mb * 2**20 // per_target)), c.max_block_targets)
-      n = block_size(len(its), cap, self.n_shards)
-      blocks += [(length, its[s:s + n], n) for s in range(0, len(its), n)]
-      # the columns of a shard's targets laid end to end, one count per (length, n) from a ladder: shapes
-      # compiled once per bucket, as many as with padded targets
-      per = n // self.n_shards
-      most = max(sum(e - s for _, s, e in its[i:i + per]) for i in range(0, len(its), per))
-      self._cols[length, n] = bucket_of(most, bucket_lengths(most, c.query_rows_ratio))
+    blocks, self._cols = plan_blocks(lengths, max(int(ch.flat.shape[0]) for ch in chunks),
+                                     sum(ch.frames for ch in chunks), chunks[0].flat.shape[1:], self.config,
+                                     self.n_shards)
     return blocks
 
   def _columns(self, length: int, n: int) -> int:

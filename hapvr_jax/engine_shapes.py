@@ -1,4 +1,8 @@
-"""The shapes the evaluation engine compiles for, and their compilation ahead of use.
+"""The engine's configuration, the shapes it compiles for, and their compilation ahead of use.
+
+`EngineConfig` holds every knob of hapvr_jax.engine. `layout_queries` lays a query set out in chunks and
+comparator groups and `plan_blocks` cuts the database into blocks: both plain NumPy, so the shapes a run will
+compile are known before anything is traced.
 
 Every jitted call of hapvr_jax.engine has shapes taken from a few ladders, never from the number of queries,
 their ids or the database size: padded lengths grow geometrically (bucket_lengths), targets per block and
@@ -12,13 +16,16 @@ compilation of the next shape overlaps the scoring of the current block.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
 from typing import Sequence
 
 import numpy as np
 import jax
+from jax import lax
 
 from common_jax import executables
+from hapvr_jax import similarity as sim_lib
 
 LADDER_RATIO = 1.125   # block and group sizes: 1-8, then growing by this factor (at most 12.5% padding)
 
@@ -33,6 +40,46 @@ def bucket_lengths(max_len: int, ratio: float, min_bucket: int = 8) -> list:
 
 def bucket_of(n: int, buckets: Sequence[int]) -> int:
   return int(buckets[int(np.searchsorted(buckets, n))])
+
+
+PRECISIONS = {'highest': lax.Precision.HIGHEST, 'default': lax.Precision.DEFAULT}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  chunk_size: int = 2048          # targets longer than this are scored in chunks and averaged (0: never)
+  fold_short_tail: bool = True    # a final chunk of < 4 frames joins the previous chunk (the original crashes)
+  bucket_ratio: float = 1.25      # consecutive padded lengths grow by at most this factor
+  min_bucket: int = 8
+  query_block: int = 16           # queries per comparator group (queries of similar padded length)
+  query_bucket_ratio: float = 1.5  # padded query lengths of the comparator groups (coarser: fewer groups to
+                                   # compile; only the CNN, the smaller share of the time, sees query padding)
+  max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
+  query_rows_ratio: float = 1.05  # query frames per call are padded to this geometric ladder (compiled
+                                  # shapes then do not follow the number of queries)
+  merge_cells: float = 2**17      # a length bucket whose padding to the next costs fewer (query frame,
+                                  # target frame) cells joins it: a fraction of one bucket's compilations on
+                                  # a CPU, so that runs with a warm compilation cache lose little to padding
+  max_block_targets: int = 256    # targets per jitted call, at most
+  memory_budget_mb: int = 1024    # working memory of one jitted call, which sets the targets per block
+  precision: str = 'highest'      # matmul/conv precision: 'highest' (float32 parity) or 'default' (TF32/bf16
+                                  # passes on GPUs and TPUs)
+  dtype: str = 'float32'          # compute dtype of the network: 'float32' or 'bfloat16' (accuracy cost:
+                                  # bench/hapvr_eval.py --dtype=bfloat16; docs/performance.md)
+  features_only: bool = False     # the original's features_only mode: no comparator CNN
+  indexed_targets: bool = False   # the database features arrive already through the network's index_video
+                                  # in float32 (a search index's cached attention): not indexed again
+  prefetch_blocks: int = 2
+
+  def __post_init__(self):
+    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(f'engine.dtype={self.dtype!r}; expected float32 or bfloat16')
+    if self.precision not in PRECISIONS:
+      raise ValueError(f'engine.precision={self.precision!r}; expected one of {sorted(PRECISIONS)}')
+    if min(self.bucket_ratio, self.query_bucket_ratio, self.query_rows_ratio) <= 1.0:
+      raise ValueError(f'engine.bucket_ratio={self.bucket_ratio}, engine.query_bucket_ratio='
+                       f'{self.query_bucket_ratio} and engine.query_rows_ratio={self.query_rows_ratio} '
+                       'must be > 1')
 
 
 def split_chunks(n: int, chunk_size: int, fold_short_tail: bool = True) -> list:
@@ -74,6 +121,82 @@ def merge_buckets(by_bucket: dict, query_frames: int, merge_cells: float) -> dic
     else:
       out[length], carry = items, []
   return out
+
+
+def layout_queries(lens: np.ndarray, config) -> list:
+  """The query layout of EngineConfig `config` for query lengths `lens`: per chunk of the length-sorted queries
+  (at most max_query_rows frames), (query positions, frame offsets, padded rows, comparator groups, output
+  rows), where a group is (gather [n, Lq] into the chunk's frames, n_rows for padding; lengths [n]; real
+  queries) with n a ladder size and Lq a padded length of query_bucket_ratio."""
+  c = config
+  order = np.argsort(lens, kind='stable')
+  buckets = bucket_lengths(int(lens.max()), c.query_bucket_ratio, c.min_bucket)
+  parts, part, rows_in_part = [], [], 0
+  for i in order:   # consecutive runs of the length-sorted queries, at most max_query_rows frames each
+    if part and rows_in_part + lens[i] > c.max_query_rows:
+      parts.append(part)
+      part, rows_in_part = [], 0
+    part.append(i)
+    rows_in_part += lens[i]
+  parts.append(part)
+  out = []
+  for part in parts:
+    offsets = np.concatenate([[0], np.cumsum(lens[part])])
+    n_rows = bucket_of(int(offsets[-1]), bucket_lengths(int(offsets[-1]), c.query_rows_ratio))
+    groups, by_bucket, rows = [], {}, []
+    for k, i in enumerate(part):
+      by_bucket.setdefault(bucket_of(int(lens[i]), buckets), []).append(k)
+    for length, ks in sorted(by_bucket.items()):
+      for s in range(0, len(ks), c.query_block):
+        sub = ks[s:s + c.query_block]
+        n = ladder(len(sub))[-1]   # the smallest ladder size holding the group
+        gather = np.full((n, length), n_rows, np.int32)     # the zero row by default
+        q_len = np.full(n, length, np.int32)                # padding queries: discarded rows
+        for g, k in enumerate(sub):
+          gather[g, :lens[part[k]]] = np.arange(offsets[k], offsets[k + 1])
+          q_len[g] = lens[part[k]]
+        groups.append((gather, q_len, len(sub)))
+        rows += [part[k] for k in sub]
+    out.append((part, offsets, n_rows, groups, rows))
+  return out
+
+
+def plan_blocks(lengths: np.ndarray, q_rows: int, query_frames: int, region_dims: tuple, config,
+                shards: int) -> tuple:
+  """(blocks [(bucket length, [(video index, start, stop)], block size)] covering every target chunk,
+  {(length, block size): columns per shard}) for database `lengths` against query chunks of at most `q_rows`
+  rows and `query_frames` real frames in all, region features `region_dims` = (R, D)."""
+  c = config
+  items = [(v, s, e) for v, n in enumerate(lengths) for s, e in split_chunks(int(n), c.chunk_size,
+                                                                              c.fold_short_tail)]
+  if not items:
+    return [], {}
+  buckets = bucket_lengths(max(e - s for _, s, e in items), c.bucket_ratio, c.min_bucket)
+  by_bucket = {}
+  for item in items:
+    by_bucket.setdefault(bucket_of(item[2] - item[1], buckets), []).append(item)
+  r, d = region_dims
+  # A padded target frame costs its f2f cells and its indexing (the attention's [D, D] product on each of
+  # its R regions: about D / R cells' worth) unless the targets arrive indexed.
+  indexing = 0 if c.indexed_targets else d / r
+  by_bucket = merge_buckets(by_bucket, query_frames + indexing, c.merge_cells)
+  live_regions = r * r if sim_lib.query_slices(q_rows, r) == 1 else r
+  blocks, cols = [], {}
+  for length, its in sorted(by_bucket.items()):
+    # Live memory per target: the region products of a slice of query frames (all regions of the
+    # query frames at once for short query sets: sim_lib.query_slices), the comparator's activations (32
+    # channels at full resolution, more at lower ones; padded query rows included with a 2x margin) and
+    # the target's own features.
+    per_target = 4 * (q_rows * length * (live_regions + 2 + 2 * 32) + 3 * length * r * d)
+    cap = min(max(1, int(c.memory_budget_mb * 2**20 // per_target)), c.max_block_targets)
+    n = block_size(len(its), cap, shards)
+    blocks += [(length, its[s:s + n], n) for s in range(0, len(its), n)]
+    # the columns of a shard's targets laid end to end, one count per (length, n) from a ladder: shapes
+    # compiled once per bucket, as many as with padded targets
+    per = n // shards
+    most = max(sum(e - s for _, s, e in its[i:i + per]) for i in range(0, len(its), per))
+    cols[length, n] = bucket_of(most, bucket_lengths(most, c.query_rows_ratio))
+  return blocks, cols
 
 
 class Compiler:
