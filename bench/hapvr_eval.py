@@ -10,9 +10,10 @@ same machine with PyTorch's own threads. Engine: hapvr_jax.engine on the same HD
 converted weights. Printed: pairs/s of both and their ratio, the engine's cold start (compilation), the
 largest score difference between the two; this device's limits measured in the same run (a matmul in the
 engine's dtype/precision, and an elementwise pass for memory bandwidth); the engine's useful FLOP rate (the
-pairs' f2f and CNN, and every video's region attention) and the frame-to-frame stage's alone against them; the split of a block's time between f2f and the comparator CNN;
-and a projection of the full FIVR-200K evaluation (100 queries x 225,960 videos, lengths modelled as in
-bench/padding.py or read from --project_features) at the measured rate and at the matmul roofline.
+pairs' f2f and CNN, and every video's region attention) and the frame-to-frame stage's alone against them; the
+split of a block's time between f2f and the comparator CNN; and a projection of the full FIVR-200K evaluation
+(100 queries x 225,960 videos, lengths modelled as in bench/padding.py or read from --project_features) at the
+measured rate and at the matmul roofline. The warm engine time is the median of --warm_passes passes.
 
 Figures, with their commands and devices: docs/performance.md.
 """
