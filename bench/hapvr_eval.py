@@ -14,6 +14,9 @@ pairs' f2f and CNN, and every video's region attention) and the frame-to-frame s
 split of a block's time between f2f and the comparator CNN; and a projection of the full FIVR-200K evaluation
 (100 queries x 225,960 videos, lengths modelled as in bench/padding.py or read from --project_features) at the
 measured rate and at the matmul roofline. The warm engine time is the median of --warm_passes passes.
+--engine_split also times the engine without its comparator (the original's features_only mode), which gives
+the CNN's share of the engine's own blocks; the representative block's maps are square, the engine's are as
+wide as a block's targets.
 
 Figures, with their commands and devices: docs/performance.md.
 """
@@ -99,6 +102,9 @@ def main():
   p.add_argument('--baseline_pairs', type=int, default=0, help='time the torch loop on this many pairs '
                  '(0: all); its rate is measured on them and the comparison uses rates')
   p.add_argument('--warm_passes', type=int, default=3, help='warm engine passes; their median is reported')
+  p.add_argument('--engine_split', action='store_true',
+                 help="also time the engine without its comparator CNN (EngineConfig.features_only, the "
+                 "original's features_only mode) on the same workload: the CNN's share of the engine's own blocks")
   p.add_argument('--memory_budget_mb', type=int, default=1024)
   p.add_argument('--bucket_ratio', type=float, default=1.25)
   p.add_argument('--seed', type=int, default=0)
@@ -178,7 +184,19 @@ def main():
   peak32 = peak if (a.dtype, a.precision) == ('float32', 'highest') else common.matmul_peak(2048)
   bandwidth = common.device_bandwidth(256)
 
-  # --- where the time goes: one representative block, f2f vs CNN ----------------------------------------
+  # --- where the time goes: the engine's own blocks without the CNN, and one representative block ---------
+  split = None
+  if a.engine_split:   # features_only: the video-to-video step on the f2f maps themselves, no comparator
+    eng_fo = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(
+        memory_budget_mb=a.memory_budget_mb, bucket_ratio=a.bucket_ratio, dtype=a.dtype, precision=a.precision,
+        features_only=True))
+    eng_fo.score(ff, qids, dids, progress=False)
+    fo_times = []
+    for _ in range(a.warm_passes):
+      eng_fo.score(ff, qids, dids, progress=False)
+      fo_times.append(eng_fo.stats['seconds'])
+    split = dict(without_cnn_s=float(np.median(fo_times)), cnn_s=warm - float(np.median(fo_times)),
+                 rest_gflops=(useful - CNN_FLOPS * ql.sum() * dl.sum()) / float(np.median(fo_times)) / 1e9)
   net = model_lib.SimilarityNetwork(cfg)
   L = engine_lib.bucket_of(int(np.median(dl)), engine_lib.bucket_lengths(int(dl.max()), a.bucket_ratio))
   nq, nb = min(16, a.queries), 16
@@ -211,6 +229,12 @@ def main():
     print(f'accuracy cost of dtype={a.dtype} precision={a.precision} vs float32/highest: max |d score| '
           f'{d.max():.2e}, mean {d.mean():.2e} (scores span {ref_scores.min():.2f}..{ref_scores.max():.2f}); '
           f'same top-1 for {100 * top1:.0f}% of queries, top-10 overlap {100 * top10:.1f}%')
+  if split:
+    print(f"in the engine's own blocks: {split['without_cnn_s']:.2f} s without the comparator CNN, so the CNN takes "
+          f"{split['cnn_s']:.2f} s of {warm:.2f} s ({100 * split['cnn_s'] / warm:.0f}%; "
+          f"{CNN_FLOPS * ql.sum() * dl.sum() / max(split['cnn_s'], 1e-9) / 1e9:.1f} GFLOP/s of useful cells); the "
+          f"rest (f2f, attention, gathers, the temporal reduction) {split['rest_gflops']:.1f} GFLOP/s = "
+          f"{split['rest_gflops'] * 1e9 / peak:.2f} of the matmul")
   print(f'one {nq}x{nb} block at {L} frames: f2f {t_f2f * 1e3:.0f} ms ({100 * t_f2f / (t_f2f + t_cnn):.0f}%), '
         f'CNN {t_cnn * 1e3:.0f} ms ({100 * t_cnn / (t_f2f + t_cnn):.0f}%)')
   # The frame-to-frame stage on its own, against both rooflines: FLOPs of the region dot products and their
@@ -255,7 +279,7 @@ def main():
       baseline_pairs_per_s=base_rate, baseline_device='cpu', engine_pairs_per_s=n_pairs / warm,
       engine_cold_s=cold, max_abs_diff_vs_baseline=diff, matmul_gflops=peak / 1e9, matmul32_gflops=peak32 / 1e9,
       bandwidth_gb_s=bandwidth / 1e9, engine_gflops=useful / warm / 1e9, engine_fraction=useful / warm / peak,
-      engine_fraction_pairs_only=useful_pairs / warm / peak,
+      engine_fraction_pairs_only=useful_pairs / warm / peak, engine_split=split,
       accuracy_vs_float32=cost, block=dict(queries=nq, targets=nb, frames=L),
       f2f_gflops=f2f_flops / t_f2f / 1e9, f2f_fraction=f2f_flops / t_f2f / peak, cnn_gflops=cnn_flops / t_cnn / 1e9,
       cnn_fraction_float32=cnn_flops / t_cnn / peak32, cnn_fraction_bandwidth=cnn_bytes / t_cnn / bandwidth,
