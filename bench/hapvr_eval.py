@@ -195,8 +195,12 @@ def main():
     for _ in range(a.warm_passes):
       eng_fo.score(ff, qids, dids, progress=False)
       fo_times.append(eng_fo.stats['seconds'])
+    chunks = eng.index_queries([ff.read(x) for x in qids])   # the comparator's padded cells, from the plan
+    computed = sum(gather.size * n * length for length, _, n in eng.plan(ff.lengths(dids), chunks)
+                   for ch in chunks for gather, _, _ in ch.groups)
     split = dict(without_cnn_s=float(np.median(fo_times)), cnn_s=warm - float(np.median(fo_times)),
-                 rest_gflops=(useful - CNN_FLOPS * ql.sum() * dl.sum()) / float(np.median(fo_times)) / 1e9)
+                 rest_gflops=(useful - CNN_FLOPS * ql.sum() * dl.sum()) / float(np.median(fo_times)) / 1e9,
+                 cnn_cells_computed_per_valid=computed / (ql.sum() * dl.sum()))
   net = model_lib.SimilarityNetwork(cfg)
   L = engine_lib.bucket_of(int(np.median(dl)), engine_lib.bucket_lengths(int(dl.max()), a.bucket_ratio))
   nq, nb = min(16, a.queries), 16
@@ -234,7 +238,8 @@ def main():
           f"{split['cnn_s']:.2f} s of {warm:.2f} s ({100 * split['cnn_s'] / warm:.0f}%; "
           f"{CNN_FLOPS * ql.sum() * dl.sum() / max(split['cnn_s'], 1e-9) / 1e9:.1f} GFLOP/s of useful cells); the "
           f"rest (f2f, attention, gathers, the temporal reduction) {split['rest_gflops']:.1f} GFLOP/s = "
-          f"{split['rest_gflops'] * 1e9 / peak:.2f} of the matmul")
+          f"{split['rest_gflops'] * 1e9 / peak:.2f} of the matmul; the comparator computes "
+          f"{split['cnn_cells_computed_per_valid']:.2f}x the valid cells (padded query groups and target lengths)")
   print(f'one {nq}x{nb} block at {L} frames: f2f {t_f2f * 1e3:.0f} ms ({100 * t_f2f / (t_f2f + t_cnn):.0f}%), '
         f'CNN {t_cnn * 1e3:.0f} ms ({100 * t_cnn / (t_f2f + t_cnn):.0f}%)')
   # The frame-to-frame stage on its own, against both rooflines: FLOPs of the region dot products and their
