@@ -19,11 +19,12 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 import threading
 from typing import Optional, Sequence
 
 import jax
+
+from common_jax import io_util
 
 FOLDER = 'executables'
 
@@ -85,17 +86,8 @@ def _store(path: str, compiled) -> None:
   from jax.experimental import serialize_executable
   # the devices it runs on (by default a loaded executable would expect every device of the backend)
   device_ids = [d.id for d in compiled._executable._unloaded_executable.device_list]
-  payload = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(payload)
-    os.replace(tmp, path)   # concurrent writers of one key write the same bytes; the last rename wins
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  # concurrent writers of one key write the same bytes; the last rename wins
+  io_util.write_pickle(path, (*serialize_executable.serialize(compiled), device_ids))
 
 
 _local = threading.local()

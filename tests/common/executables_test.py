@@ -92,7 +92,7 @@ def test_an_unreadable_entry_is_compiled_again_and_replaced(tmp_path):
   np.testing.assert_allclose(np.asarray(again(*args)), _want(*args), rtol=1e-5, atol=1e-6)
   executables.compiled(_traced_fn(traces), args, 'f', 'v1', folder=str(tmp_path))
   assert len(traces) == 2, 'the replaced entry was not readable'
-  assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp')]
+  assert not [n for n in os.listdir(tmp_path) if n.startswith('.')]   # no temporary file left
 
 
 def test_without_a_folder_it_compiles_and_stores_nothing(tmp_path, monkeypatch):
