@@ -183,8 +183,8 @@ def measure(args, w: dict, run=timed) -> dict:
     r = run([sys.executable, '-m', 'bench.first_results', f'--workdir={d}', '--loop_only',
              f'--loop_host_memory={args.loop_host_memory}'])
     out['loop'] = {**r, 'wall': float(json.loads(r['lines'][-1])['seconds'])}
-    print(f'per-pair PyTorch loop ({args.loop_host_memory} malloc settings): {out["loop"]["wall"]:.2f}s ({r["cpu"]:.1f} CPU s for the whole process; '
-          f'load before {r["load"]})', flush=True)
+    print(f'per-pair PyTorch loop ({args.loop_host_memory} malloc settings): {out["loop"]["wall"]:.2f}s '
+          f'({r["cpu"]:.1f} CPU s for the whole process; load before {r["load"]})', flush=True)
   if 'search' in args.parts:
     cache = os.path.join(d, 'cache_search')
     for name in ('cold', 'warm'):

@@ -46,6 +46,8 @@ from hapvr_jax.features import FeatureFile
 from hapvr_jax.model import ModelConfig, SimilarityNetwork
 
 TRACED_MODULES = ('hapvr_jax.engine', 'hapvr_jax.model', 'hapvr_jax.similarity', 'common_jax.mesh')
+
+
 @dataclasses.dataclass
 class _QueryChunk:
   rows: np.ndarray      # positions in the query list of this chunk's output rows
