@@ -143,11 +143,11 @@ def allgather_sum(sums: np.ndarray, counts: np.ndarray):
   return gather(sums), gather(counts)
 
 
-def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
-  """Zeros whose data starts on an `align`-byte boundary: a CPU device then uses the array in place (a block
-  is never written after it is handed over) where an unaligned one is copied, a memory pass per block."""
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+  """An uninitialised array whose data starts on an `align`-byte boundary: a CPU device then uses it in place
+  (a block is never written after it is handed over) where an unaligned one is copied, a memory pass per block."""
   size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  buf = np.zeros(size + align, np.uint8)
+  buf = np.empty(size + align, np.uint8)
   start = -buf.ctypes.data % align
   return buf[start:start + size].view(dtype).reshape(shape)
 
@@ -183,10 +183,12 @@ def read_blocks(ff, db_ids, blocks, out: queue.Queue, stop: threading.Event, sha
         if cache_id != v:
           cache_id, cache = v, ff.read(db_ids[v])
         if feats is None:
-          feats = aligned_zeros((shards, c) + cache.shape[1:], np.float32)
+          feats = aligned_empty((shards, c) + cache.shape[1:], np.float32)
         k, start = place[j]
         feats[k, start:start + e - s] = cache[s:e]
         lens[j] = e - s
+      for k, used in enumerate(frames):   # only the padding columns are zeroed: a memory pass less a block
+        feats[k, used:] = 0
       lens[len(its):] = length   # padding targets: zero columns, discarded afterwards
       while not stop.is_set():
         try:

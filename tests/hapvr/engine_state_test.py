@@ -174,11 +174,28 @@ def test_allgather_sum_keeps_float64_on_one_process():
   np.testing.assert_array_equal(c, counts)
 
 
-def test_aligned_zeros_start_on_the_boundary_a_cpu_device_uses_in_place():
-  from hapvr_jax.engine_state import aligned_zeros
+def test_aligned_empty_starts_on_the_boundary_a_cpu_device_uses_in_place():
+  from hapvr_jax.engine_state import aligned_empty
   for shape, dtype in (((3, 5, 7), np.float32), ((1,), np.int32), ((2, 9, 64), np.float64)):
-    x = aligned_zeros(shape, dtype)
-    assert x.shape == shape and x.dtype == dtype and x.ctypes.data % 64 == 0 and not x.any()
-  x = aligned_zeros((4, 8, 9, 16), np.float32)
+    x = aligned_empty(shape, dtype)
+    assert x.shape == shape and x.dtype == dtype and x.ctypes.data % 64 == 0
+  x = aligned_empty((4, 8, 9, 16), np.float32)
   x[:] = np.arange(x.size, dtype=np.float32).reshape(x.shape)
   np.testing.assert_array_equal(np.asarray(jax.device_put(x)), np.arange(x.size).reshape(x.shape))
+
+
+def test_read_blocks_zeroes_the_padding_columns_of_an_uninitialised_buffer(setup, monkeypatch):
+  """The reader fills each shard's columns end to end and zeroes only what is left: a buffer full of NaN
+  (what an uninitialised one may hold) comes out with real frames in place and zeros after them."""
+  import queue
+  import threading
+  ff = setup[1]()
+  monkeypatch.setattr(engine_state, 'aligned_empty', lambda shape, dtype: np.full(shape, np.nan, dtype))
+  its = [(0, 0, len(ff.read(DATABASE[0]))), (1, 0, len(ff.read(DATABASE[1])))]
+  cols = sum(e - s for _, s, e in its) + 5
+  out = queue.Queue()
+  engine_state.read_blocks(ff, DATABASE, [(64, its, 2)], out, threading.Event(), 1, lambda length, n: cols)
+  _, feats, frames, _, _ = out.get()
+  assert out.get() is None and frames.tolist() == [cols - 5]
+  np.testing.assert_array_equal(feats[0, :cols - 5], np.concatenate([ff.read(DATABASE[0]), ff.read(DATABASE[1])]))
+  np.testing.assert_array_equal(feats[0, cols - 5:], 0)
