@@ -7,8 +7,11 @@ compile are known before anything is traced.
 Every jitted call of hapvr_jax.engine has shapes taken from a few ladders, never from the number of queries,
 their ids or the database size: padded lengths grow geometrically (bucket_lengths), targets per block and
 queries per comparator group come from a short ladder of sizes (block_size). So a new query set, or a search
-with another query, mostly reuses compilations (and common_jax.executables keeps them across processes). On small workloads a compilation costs more than the work it serves, so merge_buckets pads the
-targets of a small length bucket to the next one when that extra work is smaller than `merge_cells`.
+with another query, mostly reuses compilations (and common_jax.executables keeps them across processes). On
+small workloads a compilation costs more than the work it serves, so merge_buckets pads the targets of a small
+length bucket to the next one when that extra work is smaller than `merge_cells`. The comparator groups are
+as many as coarse length classes would make, but group_queries places their boundaries where the queries'
+padding costs the fewest cells.
 
 `Compiler` compiles the engine's calls in a background thread in the order the blocks will need them, so the
 compilation of the next shape overlaps the scoring of the current block.
@@ -52,11 +55,14 @@ class EngineConfig:
   bucket_ratio: float = 1.25      # consecutive padded lengths grow by at most this factor
   min_bucket: int = 8
   query_block: int = 16           # queries per comparator group (queries of similar padded length)
-  query_bucket_ratio: float = 1.5  # padded query lengths of the comparator groups (coarser: fewer groups to
-                                   # compile; only the CNN, the smaller share of the time, sees query padding)
+  query_bucket_ratio: float = 1.5  # length classes whose count bounds the comparator groups (coarser: fewer
+                                   # groups to compile); the groups are then placed to pad the least
   max_query_rows: int = 16384     # query frames per jitted call (more queries: several calls per block)
   query_rows_ratio: float = 1.05  # query frames per call are padded to this geometric ladder (compiled
                                   # shapes then do not follow the number of queries)
+  columns_ratio: float = 1.02     # target frames per block are padded to this finer ladder: one count per
+                                  # (bucket, block size) of a database, so it adds no compilation to a run,
+                                  # and the frame-to-frame products, most of the FLOPs, run on these columns
   merge_cells: float = 2**17      # a length bucket whose padding to the next costs fewer (query frame,
                                   # target frame) cells joins it: a fraction of one bucket's compilations on
                                   # a CPU, so that runs with a warm compilation cache lose little to padding
@@ -76,10 +82,9 @@ class EngineConfig:
       raise ValueError(f'engine.dtype={self.dtype!r}; expected float32 or bfloat16')
     if self.precision not in PRECISIONS:
       raise ValueError(f'engine.precision={self.precision!r}; expected one of {sorted(PRECISIONS)}')
-    if min(self.bucket_ratio, self.query_bucket_ratio, self.query_rows_ratio) <= 1.0:
-      raise ValueError(f'engine.bucket_ratio={self.bucket_ratio}, engine.query_bucket_ratio='
-                       f'{self.query_bucket_ratio} and engine.query_rows_ratio={self.query_rows_ratio} '
-                       'must be > 1')
+    ratios = ('bucket_ratio', 'query_bucket_ratio', 'query_rows_ratio', 'columns_ratio')
+    if min(getattr(self, name) for name in ratios) <= 1.0:
+      raise ValueError(', '.join(f'engine.{name}={getattr(self, name)}' for name in ratios) + ' must be > 1')
 
 
 def split_chunks(n: int, chunk_size: int, fold_short_tail: bool = True) -> list:
@@ -123,14 +128,47 @@ def merge_buckets(by_bucket: dict, query_frames: int, merge_cells: float) -> dic
   return out
 
 
+def group_queries(lens: np.ndarray, max_groups: int, block: int, padded) -> list:
+  """[(start, stop)]: contiguous groups of the length-sorted query lengths `lens`, at most `block` queries and
+  at most `max_groups` groups, that compute the fewest comparator cells: a group costs the ladder size of its
+  count times padded(its longest length). Dynamic programming over (queries covered, groups used), vectorised
+  over the first; of equal costs the one with fewer groups."""
+  n = len(lens)
+  longest = np.array([padded(int(x)) for x in lens], np.float64)   # a group ending at query j-1 pads to this
+  size = [0] + [ladder(k)[-1] for k in range(1, block + 1)]
+  cost = np.full(n + 1, np.inf)
+  cost[0] = 0.
+  choices, totals = [], []
+  for _ in range(max_groups):
+    new, take = np.full(n + 1, np.inf), np.zeros(n + 1, np.int64)
+    for k in range(1, min(block, n) + 1):   # the last group: queries j-k .. j-1
+      cand = cost[:n + 1 - k] + size[k] * longest[k - 1:]
+      better = cand < new[k:]
+      new[k:] = np.where(better, cand, new[k:])
+      take[k:] = np.where(better, k, take[k:])
+    cost = new
+    choices.append(take)
+    totals.append(cost[n])
+  g = int(np.argmin(totals))   # the first of the minima: the fewest groups
+  out, j = [], n
+  for take in choices[g::-1]:
+    out.append((j - int(take[j]), j))
+    j -= int(take[j])
+  return out[::-1]
+
+
 def layout_queries(lens: np.ndarray, config) -> list:
   """The query layout of EngineConfig `config` for query lengths `lens`: per chunk of the length-sorted queries
   (at most max_query_rows frames), (query positions, frame offsets, padded rows, comparator groups, output
   rows), where a group is (gather [n, Lq] into the chunk's frames, n_rows for padding; lengths [n]; real
-  queries) with n a ladder size and Lq a padded length of query_bucket_ratio."""
+  queries) with n a ladder size and Lq its longest query's length on the query_rows_ratio ladder.
+
+  The groups are as many as the query_bucket_ratio length classes would make (query_block queries at most in
+  each, which bounds the comparator programs a block compiles), placed where they pad the least."""
   c = config
   order = np.argsort(lens, kind='stable')
-  buckets = bucket_lengths(int(lens.max()), c.query_bucket_ratio, c.min_bucket)
+  classes = bucket_lengths(int(lens.max()), c.query_bucket_ratio, c.min_bucket)
+  rows_ladder = bucket_lengths(int(lens.max()), c.query_rows_ratio, c.min_bucket)
   parts, part, rows_in_part = [], [], 0
   for i in order:   # consecutive runs of the length-sorted queries, at most max_query_rows frames each
     if part and rows_in_part + lens[i] > c.max_query_rows:
@@ -143,20 +181,20 @@ def layout_queries(lens: np.ndarray, config) -> list:
   for part in parts:
     offsets = np.concatenate([[0], np.cumsum(lens[part])])
     n_rows = bucket_of(int(offsets[-1]), bucket_lengths(int(offsets[-1]), c.query_rows_ratio))
-    groups, by_bucket, rows = [], {}, []
-    for k, i in enumerate(part):
-      by_bucket.setdefault(bucket_of(int(lens[i]), buckets), []).append(k)
-    for length, ks in sorted(by_bucket.items()):
-      for s in range(0, len(ks), c.query_block):
-        sub = ks[s:s + c.query_block]
-        n = ladder(len(sub))[-1]   # the smallest ladder size holding the group
-        gather = np.full((n, length), n_rows, np.int32)     # the zero row by default
-        q_len = np.full(n, length, np.int32)                # padding queries: discarded rows
-        for g, k in enumerate(sub):
-          gather[g, :lens[part[k]]] = np.arange(offsets[k], offsets[k + 1])
-          q_len[g] = lens[part[k]]
-        groups.append((gather, q_len, len(sub)))
-        rows += [part[k] for k in sub]
+    per_class = np.unique([bucket_of(int(lens[i]), classes) for i in part], return_counts=True)[1]
+    max_groups = int(sum(-(-per_class // c.query_block)))
+    groups, rows = [], []
+    for start, stop in group_queries(lens[part], max_groups, c.query_block,
+                                     lambda x: bucket_of(x, rows_ladder)):
+      length = bucket_of(int(lens[part[stop - 1]]), rows_ladder)
+      n = ladder(stop - start)[-1]   # the smallest ladder size holding the group
+      gather = np.full((n, length), n_rows, np.int32)     # the zero row by default
+      q_len = np.full(n, length, np.int32)                # padding queries: discarded rows
+      for g, k in enumerate(range(start, stop)):
+        gather[g, :lens[part[k]]] = np.arange(offsets[k], offsets[k + 1])
+        q_len[g] = lens[part[k]]
+      groups.append((gather, q_len, stop - start))
+      rows += [part[k] for k in range(start, stop)]
     out.append((part, offsets, n_rows, groups, rows))
   return out
 
@@ -195,7 +233,7 @@ def plan_blocks(lengths: np.ndarray, q_rows: int, query_frames: int, region_dims
     # compiled once per bucket, as many as with padded targets
     per = n // shards
     most = max(sum(e - s for _, s, e in its[i:i + per]) for i in range(0, len(its), per))
-    cols[length, n] = bucket_of(most, bucket_lengths(most, c.query_rows_ratio))
+    cols[length, n] = bucket_of(most, bucket_lengths(most, c.columns_ratio))
   return blocks, cols
 
 

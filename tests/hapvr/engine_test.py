@@ -85,6 +85,55 @@ def test_small_buckets_merge_while_their_padding_costs_little():
   assert engine_lib.merge_buckets(items, 100, 1e9) == {40: ['a'] * 10 + ['b'] * 10 + ['c'] * 100}
 
 
+def _partitions(n, block):
+  """Every split of range(n) into contiguous runs of at most `block` (brute force, for small n)."""
+  if n == 0:
+    yield []
+    return
+  for k in range(1, min(block, n) + 1):
+    for rest in _partitions(n - k, block):
+      yield [(0, k)] + [(s + k, e + k) for s, e in rest]
+
+
+def test_query_groups_are_the_cheapest_split_a_brute_force_finds():
+  ladder_size = lambda k: engine_shapes.ladder(k)[-1]
+  padded = lambda x: -(-x // 4) * 4
+  rng = np.random.default_rng(0)
+  for trial in range(40):
+    lens = np.sort(rng.integers(4, 120, rng.integers(1, 11)))
+    block, max_groups = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+    max_groups = max(max_groups, -(-len(lens) // block))   # always feasible
+    cost = lambda split: sum(ladder_size(e - s) * padded(int(lens[e - 1])) for s, e in split)
+    brute = min((cost(p), len(p)) for p in _partitions(len(lens), block) if len(p) <= max_groups)
+    got = engine_shapes.group_queries(lens, max_groups, block, padded)
+    assert got[0][0] == 0 and got[-1][1] == len(lens) and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+    assert all(0 < e - s <= block for s, e in got) and len(got) <= max_groups
+    assert (cost(got), len(got)) == brute, (trial, lens, block, max_groups, got)
+
+
+def test_query_layout_covers_every_query_once_in_as_many_groups_as_length_classes():
+  rng = np.random.default_rng(1)
+  lens = rng.integers(10, 200, 37)
+  config = engine_lib.EngineConfig(query_block=4)
+  (part, offsets, n_rows, groups, rows), = engine_shapes.layout_queries(lens, config)
+  assert sorted(rows) == list(range(37)) and sorted(part) == list(range(37))
+  classes = engine_lib.bucket_lengths(int(lens.max()), config.query_bucket_ratio, config.min_bucket)
+  per_class = np.unique([engine_lib.bucket_of(int(x), classes) for x in lens], return_counts=True)[1]
+  assert len(groups) <= sum(-(-per_class // 4))
+  padded_cells = sum(gather.size for gather, _, _ in groups)
+  assert padded_cells < 1.15 * lens.sum()   # placed groups pad little (the length classes alone: ~1.2-1.4x)
+  frames = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in range(len(part))])
+  seen = []
+  for gather, q_len, used in groups:
+    assert gather.shape[0] == engine_shapes.ladder(used)[-1] and gather.shape[1] % 4 == 0
+    for g in range(used):
+      assert q_len[g] <= gather.shape[1] and (gather[g, q_len[g]:] == n_rows).all()
+      seen += gather[g, :q_len[g]].tolist()
+    assert (gather[used:] == n_rows).all()
+  assert sorted(seen) == frames.tolist()
+  assert [lens[part[k]] for k in range(len(part))] == sorted(lens)
+
+
 def test_compiler_runs_in_order_and_drops_what_has_not_started():
   import threading
   started, release, order = threading.Event(), threading.Event(), []
