@@ -93,6 +93,16 @@ def timed(fn, *args, repeat=3):
   return (time.perf_counter() - t0) / repeat
 
 
+def engine_passes(eng, ff, qids, dids, passes: int) -> tuple:
+  """(cold seconds, [warm seconds of each pass], the last scores): one run that compiles, then `passes` more."""
+  eng.score(ff, qids, dids, progress=False)
+  cold, warm, scores = eng.stats['seconds'], [], None
+  for _ in range(passes):
+    scores = eng.score(ff, qids, dids, progress=False)
+    warm.append(eng.stats['seconds'])
+  return cold, warm, scores
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--queries', type=int, default=16)
@@ -166,13 +176,8 @@ def main():
   mesh = mesh_lib.make_mesh()
   eng = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(
       memory_budget_mb=a.memory_budget_mb, bucket_ratio=a.bucket_ratio, dtype=a.dtype, precision=a.precision))
-  eng.score(ff, qids, dids, progress=False)
-  cold = eng.stats['seconds']
-  warm_times = []
-  for _ in range(a.warm_passes):   # the median, as the matmul roofline below is measured
-    scores = eng.score(ff, qids, dids, progress=False)
-    warm_times.append(eng.stats['seconds'])
-  warm = float(np.median(warm_times))
+  cold, warm_times, scores = engine_passes(eng, ff, qids, dids, a.warm_passes)
+  warm = float(np.median(warm_times))   # the median, as the matmul roofline below is measured
   n_pairs = a.queries * a.database
   diff = max(abs(scores[i, j] - s) for (i, j), s in base_scores.items())
 
@@ -190,16 +195,12 @@ def main():
     eng_fo = engine_lib.Engine(cfg, params, mesh, engine_lib.EngineConfig(
         memory_budget_mb=a.memory_budget_mb, bucket_ratio=a.bucket_ratio, dtype=a.dtype, precision=a.precision,
         features_only=True))
-    eng_fo.score(ff, qids, dids, progress=False)
-    fo_times = []
-    for _ in range(a.warm_passes):
-      eng_fo.score(ff, qids, dids, progress=False)
-      fo_times.append(eng_fo.stats['seconds'])
+    without_cnn = float(np.median(engine_passes(eng_fo, ff, qids, dids, a.warm_passes)[1]))
     chunks = eng.index_queries([ff.read(x) for x in qids])   # the comparator's padded cells, from the plan
     computed = sum(gather.size * n * length for length, _, n in eng.plan(ff.lengths(dids), chunks)
                    for ch in chunks for gather, _, _ in ch.groups)
-    split = dict(without_cnn_s=float(np.median(fo_times)), cnn_s=warm - float(np.median(fo_times)),
-                 rest_gflops=(useful - CNN_FLOPS * ql.sum() * dl.sum()) / float(np.median(fo_times)) / 1e9,
+    split = dict(without_cnn_s=without_cnn, cnn_s=warm - without_cnn,
+                 rest_gflops=(useful - CNN_FLOPS * ql.sum() * dl.sum()) / without_cnn / 1e9,
                  cnn_cells_computed_per_valid=computed / (ql.sum() * dl.sum()))
   net = model_lib.SimilarityNetwork(cfg)
   L = engine_lib.bucket_of(int(np.median(dl)), engine_lib.bucket_lengths(int(dl.max()), a.bucket_ratio))
